@@ -29,7 +29,7 @@ _PEFT_DEFAULTS: dict[str, Any] = {
     "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
     "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "revision": None,
     "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
-    "use_qalora": False,
+    "use_qalora": False, "velora_config": None,
 }
 # peft options peftlab cannot load faithfully: (key, the value that is fine).
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,

@@ -25,6 +25,15 @@ class AdapterLayer(nn.Module):
     base_layer: nn.Module
     active_adapters: list[str]
 
+    # Model code reads these off the layer it called (e.g. T5 checks `wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
 
 class ModulesToSave(nn.Module):
     """A fully trainable copy of a module (e.g. a classification head); the original stays untouched."""
