@@ -3,8 +3,7 @@
 from peftlab.errors import PeftlabError
 from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.methods.checkpoint import load_adapter, save_adapter
-from peftlab.methods.inject import (apply, merge, merge_and_unload, remove_adapter, set_active,
-                                    unmerge)
+from peftlab.methods.inject import apply, merge, merge_and_unload, remove_adapter, set_active, unmerge
 from peftlab.methods.lora import LoraConfig
 from peftlab.models import load_model
 

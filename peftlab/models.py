@@ -9,9 +9,21 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
-                          AutoModelForSequenceClassification, AutoTokenizer, BartConfig, BertConfig, GPT2Config,
-                          LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, T5Config)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BartConfig,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5Config,
+)
 
 from peftlab.errors import PeftlabError
 
@@ -119,7 +131,7 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
 def _random_model(preset: str, task: Task | None, num_labels: int, seed: int):
     if preset not in PRESETS:
         raise PeftlabError(f"unknown preset {RANDOM_PREFIX}{preset}: choose one of "
-                           f"{', '.join(RANDOM_PREFIX + p for p in PRESETS)}")
+                           f"{', '.join(RANDOM_PREFIX + p for p in PRESETS)} (or the pretrained {', '.join(PACKAGED)})")
     make_config, preset_task = PRESETS[preset]
     config = make_config()
     task = task or preset_task
@@ -150,7 +162,7 @@ def byte_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerBase:
     taken = set(specials.values())
     free = [i for i in range(config.vocab_size) if i not in taken][:256]
     vocab = {t: i for t, i in specials.items()}
-    vocab |= {c: i for c, i in zip(sorted(pre_tokenizers.ByteLevel.alphabet()), free)}
+    vocab |= {c: i for c, i in zip(sorted(pre_tokenizers.ByteLevel.alphabet()), free, strict=True)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

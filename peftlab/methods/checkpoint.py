@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.inject import apply, adapter_state_dict, load_adapter_state_dict, remove_adapter
+from peftlab.methods.inject import adapter_state_dict, apply, load_adapter_state_dict, remove_adapter
 from peftlab.methods.lora import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -127,9 +128,9 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
             return load_file(safe)
         if pickled.is_file():
             return torch.load(pickled, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         bad = safe if safe.is_file() else pickled
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise PeftlabError(f"{bad} is corrupt or not a plain tensor file ({first_line}): "
                            "save the adapter again") from None
     raise PeftlabError(f"no {WEIGHTS_NAME} in {directory}: the adapter weights are missing")

@@ -105,7 +105,7 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
     if not names:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         wanted = [config.targets] if isinstance(config.targets, str) else config.targets
-        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, suffixes, n=3, cutoff=0.3)})
+        close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(w, suffixes, n=3, cutoff=0.3)))
         raise PeftlabError(f"targets {config.targets!r} match no module of {type(model).__name__}; "
                            f"closest that exist: {close or suffixes[:10]} (list all: `peftlab inspect --model M`)")
     return names

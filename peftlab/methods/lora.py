@@ -45,7 +45,8 @@ class LoraConfig:
         for name, r in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
             if not isinstance(r, int) or r <= 0:
                 raise PeftlabError(f"LoRA {name} must be a positive integer, got {r!r}: use e.g. r=8")
-        for name, a in {"alpha": self.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}.items():
+        alphas = {"alpha": self.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}
+        for name, a in alphas.items():
             if not isinstance(a, int | float) or a <= 0:
                 raise PeftlabError(f"LoRA {name} must be positive, got {a!r}: a common choice is alpha = 2 * r")
         if not 0 <= self.dropout < 1:

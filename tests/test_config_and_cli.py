@@ -1,0 +1,57 @@
+"""LoraConfig validation, target matching errors, and `peftlab inspect`."""
+
+import copy
+
+import pytest
+from conftest import fresh_base
+
+import peftlab
+from peftlab.cli import main
+from peftlab.methods import parse_targets
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"r": 0}, "r must be a positive integer"),
+    ({"r": -3}, "r must be a positive integer"),
+    ({"alpha": 0}, "alpha must be positive"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+    ({"bias": "some"}, "bias must be"),
+    ({"rank_pattern": {"q": 0}}, "rank_pattern"),
+    ({"targets": None}, "needs targets"),
+])
+def test_bad_lora_config_is_refused(fields, message):
+    with pytest.raises(peftlab.PeftlabError, match=message):
+        peftlab.LoraConfig(**{"targets": ["q"], **fields})
+
+
+def test_target_matching_nothing_names_close_modules():
+    model, _ = fresh_base("llama-tiny")
+    with pytest.raises(peftlab.PeftlabError, match=r"closest that exist: \['q_proj'") as err:
+        peftlab.apply(copy.deepcopy(model), peftlab.LoraConfig(targets=["q_prj"]))
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, peftlab.methods.LoraLayer) for m in model.modules())
+
+
+def test_parse_targets():
+    assert parse_targets("q, v") == ["q", "v"]
+    assert parse_targets("all-linear") == "all-linear"
+    assert parse_targets(r".*\.(q|v)") == r".*\.(q|v)"
+
+
+def test_inspect_prints_the_seed_line(capsys):
+    assert main(["inspect", "--model", "random:flan-t5-small", "--method", "lora", "--r", "4", "--alpha", "8",
+                 "--targets", "q,v"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "trainable params: 172,032 || all params: 77,133,184 || trainable%: 0.2230"
+    assert "parameters: 76,961,152" in out
+    assert "q x24" in out and "wi_0 x16" in out  # 8 encoder + 16 decoder attention blocks; 16 FFNs
+    assert "float32: 76,961,152 elements, 307.8 MB" in out
+
+
+def test_inspect_bad_input_is_one_line_and_exit_2(capsys):
+    assert main(["inspect", "--model", "random:t5-tiny", "--method", "lora", "--targets", "qq"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftlab: error: targets ['qq'] match no module") and err.count("\n") == 1
+    assert main(["inspect", "--model", "random:nope"]) == 2
+    assert "choose one of" in capsys.readouterr().err
