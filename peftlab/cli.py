@@ -34,6 +34,67 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# flag -> config key; flags left unset keep the YAML's (or the default) value
+TRAIN_FLAGS = {
+    "--model": ("model.name", str), "--task": ("model.task", str), "--data": ("data.train", str),
+    "--validation-data": ("data.validation", str), "--input-column": ("data.input_column", str),
+    "--target-column": ("data.target_column", str), "--template": ("data.template", str),
+    "--max-source-length": ("data.max_source_length", int), "--max-target-length": ("data.max_target_length", int),
+    "--method": ("method.name", str), "--r": ("method.r", int), "--alpha": ("method.alpha", float),
+    "--targets": ("method.targets", str), "--dropout": ("method.dropout", float),
+    "--batch-size": ("run.batch_size", int), "--grad-accum": ("run.grad_accum", int), "--lr": ("optim.lr", float),
+    "--warmup-steps": ("optim.warmup_steps", int), "--max-steps": ("run.max_steps", int),
+    "--epochs": ("run.epochs", float), "--logging-steps": ("run.logging_steps", int),
+    "--eval-steps": ("run.eval_steps", int), "--save-steps": ("run.save_steps", int), "--seed": ("run.seed", int),
+    "--device": ("run.device", str), "--output": ("run.output", str), "--resume": ("run.resume", str),
+}
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, object]:
+    from peftlab.methods import parse_targets
+
+    overrides: dict[str, object] = {}
+    for flag, (key, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            overrides[key] = parse_targets(value) if key == "method.targets" else value
+    if args.overwrite:
+        overrides["run.overwrite"] = True
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise PeftlabError(f"expected key=value, got {pair!r}: e.g. optim.weight_decay=0.01")
+        overrides[key] = value
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftlab.train.config import load_config
+    from peftlab.train.loop import train
+
+    config = load_config(args.config, train_overrides(args))
+    result = train(config)
+    print(f"saved to {result.output}  eval before: {result.eval_before}  after: {result.eval_after}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from peftlab.demo import run_demo
+
+    run_demo(args.output, steps=args.steps)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from peftlab.data.synth import generate, write_jsonl
+
+    if args.n <= 0:
+        raise PeftlabError(f"-n must be positive, got {args.n}")
+    path = write_jsonl(generate(args.task, args.n, args.seed), args.output)
+    print(f"wrote {args.n} {args.task} examples to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["seq2seq", "causal", "classification"], help="model head (default: by model)")
     _add_method_flags(p)
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("train", help="fine-tune a model (LoRA or full) on a dataset")
+    p.add_argument("--config", help="YAML config (sections: model, data, method, optim, run)")
+    for flag, (key, kind) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=kind, help=f"sets {key}")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("set", nargs="*", metavar="key=value", help="any other config key, e.g. optim.weight_decay=0.01")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("demo", help="offline: LoRA on the pretrained MiniLM, a synthetic task, before/after")
+    p.add_argument("--output", default="runs/demo", help="run directory (replaced if it holds an earlier demo)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("synth", help="write a seeded synthetic dataset as jsonl")
+    s.add_argument("--task", choices=["sentiment"], default="sentiment")
+    s.add_argument("-n", type=int, default=1000, help="number of examples")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True, help="jsonl file to write")
+    s.set_defaults(run=cmd_data_synth)
     return parser
 
 

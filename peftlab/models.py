@@ -95,6 +95,20 @@ def default_task(config: PretrainedConfig) -> Task:
     return "classification"
 
 
+def resolve_task(name: str, task: Task | None = None) -> Task:
+    """The task a model will be trained for: given, or the one its architecture implies."""
+    if task is not None:
+        return task
+    if name.startswith(RANDOM_PREFIX) and name.removeprefix(RANDOM_PREFIX) in PRESETS:
+        return PRESETS[name.removeprefix(RANDOM_PREFIX)][1]
+    if name in PACKAGED:
+        return PACKAGED[name]
+    try:
+        return default_task(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError):
+        return "seq2seq"  # load_model will report the real problem
+
+
 def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: int = 0,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and its tokenizer. `name`: hub id, local directory, `random:<preset>` or `minilm`."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.io import atomic_write, write_text
 from peftlab.methods.inject import adapter_state_dict, apply, load_adapter_state_dict, remove_adapter
 from peftlab.methods.lora import LoraConfig
 
@@ -81,18 +81,6 @@ def config_from_peft(raw: dict[str, Any], where: str) -> LoraConfig:
         base_model_name_or_path=raw.get("base_model_name_or_path"), task_type=raw.get("task_type"))
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path:
     """Write `adapter` in peft's format so `peft.PeftModel.from_pretrained(base, directory)` loads it."""
     out = Path(directory)
@@ -103,7 +91,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter).items()}
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_to_peft(config), indent=2, sort_keys=True)
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_text(out / CONFIG_NAME, text)
     return out
 
 

@@ -1,0 +1,1 @@
+"""Data: loading through `datasets`, task formatting, batching, and a synthetic task generator."""

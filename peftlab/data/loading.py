@@ -1,0 +1,47 @@
+"""Read a table of examples with the `datasets` library: local files, or hub dataset ids when online."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+datasets.disable_progress_bars()  # one bar per run is ours; tiny local files need none
+
+from peftlab.errors import PeftlabError
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def load_table(source: str, split: str = "train") -> datasets.Dataset:
+    """A `datasets.Dataset` from a local file or a hub id (`name` or `name:split`)."""
+    path = Path(source)
+    if path.suffix in BUILDERS or path.exists():
+        if not path.is_file():
+            raise PeftlabError(f"data file {source} not found: check the path")
+        builder = BUILDERS.get(path.suffix)
+        if builder is None:
+            raise PeftlabError(f"cannot read {source}: use a .jsonl, .json, .csv, .tsv or .parquet file")
+        extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+        except Exception as e:  # datasets raises many types for a malformed file
+            raise PeftlabError(f"cannot parse {source} as {path.suffix[1:]} ({str(e).splitlines()[0][:150]})") from None
+    else:
+        name, _, hub_split = source.partition(":")
+        try:
+            table = datasets.load_dataset(name, split=hub_split or split)
+        except Exception as e:
+            offline = " (offline: use a local file)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            raise PeftlabError(f"cannot load dataset {source!r}{offline}: {str(e).splitlines()[0][:150]}") from None
+    if len(table) == 0:
+        raise PeftlabError(f"dataset {source} is empty: it needs at least one example")
+    return table
+
+
+def require_columns(table: datasets.Dataset, columns: list[str], source: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise PeftlabError(f"{source} lacks column(s) {missing}; it has {table.column_names}: "
+                           "set --input-column / --target-column (or use --template)")

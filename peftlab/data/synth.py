@@ -1,0 +1,57 @@
+"""A seeded synthetic sentiment task that needs more than keyword spotting: negations flip the polarity,
+a concessive clause carries a distractor of the opposite polarity, and intensifiers add noise."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from peftlab.io import write_text
+
+SUBJECTS = ["the movie", "the food", "the service", "this phone", "the hotel", "the book", "the concert",
+            "the staff", "the game", "the app", "the room", "the coffee", "the trip", "the lecture", "the show"]
+POSITIVE = ["great", "wonderful", "excellent", "delightful", "amazing", "superb", "pleasant", "fantastic",
+            "enjoyable", "brilliant", "lovely", "impressive"]
+NEGATIVE = ["terrible", "awful", "boring", "disappointing", "dreadful", "poor", "horrible", "bland",
+            "annoying", "mediocre", "painful", "unpleasant"]
+INTENSIFIERS = ["", "", "really ", "truly ", "quite ", "absolutely ", "rather "]
+NEGATIONS = ["not ", "never ", "hardly "]
+CONCESSIONS = ["although {s} was {a}", "even though {s} seemed {a}", "despite {s} being {a}"]
+OPENERS = ["", "", "honestly, ", "to be fair, ", "overall, ", "in the end, "]
+
+
+def _clause(rng: random.Random, subject: str, positive: bool, allow_negation: bool) -> str:
+    negated = allow_negation and rng.random() < 0.35
+    word = rng.choice(POSITIVE if positive != negated else NEGATIVE)
+    return f"{subject} was {rng.choice(NEGATIONS) if negated else ''}{rng.choice(INTENSIFIERS)}{word}"
+
+
+def sentiment_example(rng: random.Random) -> dict[str, str]:
+    positive = rng.random() < 0.5
+    subject = rng.choice(SUBJECTS)
+    main = _clause(rng, subject, positive, allow_negation=True)
+    if rng.random() < 0.4:  # a distractor of the opposite polarity, in a subordinate clause
+        other = rng.choice([s for s in SUBJECTS if s != subject])
+        distractor = rng.choice(CONCESSIONS).format(s=other, a=rng.choice(NEGATIVE if positive else POSITIVE))
+        text = f"{distractor}, {main}"
+    else:
+        text = main
+    text = rng.choice(OPENERS) + text + "."
+    return {"text": text[0].upper() + text[1:], "label": "positive" if positive else "negative"}
+
+
+TASKS = {"sentiment": sentiment_example}
+
+
+def generate(task: str, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` examples of `task`, the same for the same seed."""
+    rng = random.Random(seed)
+    return [TASKS[task](rng) for _ in range(n)]
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,68 @@
+"""Turn rows into token ids and labels for each task: seq2seq, causal LM, classification."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftlab.errors import PeftlabError
+
+IGNORE_INDEX = -100  # label positions the loss skips (padding, prompts)
+
+
+def required_columns(template: str | None, input_column: str, target_column: str | None) -> list[str]:
+    """The columns a row must have: the template's fields (or the input column) and the target."""
+    needed = [f for _, f, _, _ in string.Formatter().parse(template) if f] if template else [input_column]
+    return needed + ([target_column] if target_column else [])
+
+
+@dataclass
+class Formatter:
+    """Everything needed to turn one row into model inputs."""
+
+    task: str
+    tokenizer: Any
+    input_column: str
+    target_column: str | None
+    template: str | None = None
+    max_source_length: int = 128
+    max_target_length: int = 64
+    labels: list[str] = field(default_factory=list)
+    truncated: int = 0  # examples cut to fit the maximum lengths
+
+    def source(self, row: dict) -> str:
+        return self.template.format(**row) if self.template else str(row[self.input_column])
+
+    def _ids(self, text: str, limit: int, special: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        if len(ids) > limit:
+            self.truncated += 1
+            ids = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=limit)["input_ids"]
+        return ids
+
+    def __call__(self, row: dict) -> dict[str, Any]:
+        return getattr(self, f"_{self.task}")(row)
+
+    def _seq2seq(self, row: dict) -> dict[str, Any]:
+        return {"input_ids": self._ids(self.source(row), self.max_source_length),
+                "labels": self._ids(str(row[self.target_column]), self.max_target_length)}
+
+    def _causal(self, row: dict) -> dict[str, Any]:
+        prompt = self._ids(self.source(row), self.max_source_length)
+        if not self.target_column:  # plain language modelling on the text
+            return {"input_ids": prompt, "labels": list(prompt)}
+        response = self._ids(str(row[self.target_column]), self.max_target_length - 1, special=False)
+        response.append(self.tokenizer.eos_token_id)
+        return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+    def _classification(self, row: dict) -> dict[str, Any]:
+        label = str(row[self.target_column])
+        if label not in self.label_ids:
+            raise PeftlabError(f"label {label!r} is not in the known set {self.labels}: fix the data or list all "
+                               "labels in data.labels")
+        return {"input_ids": self._ids(self.source(row), self.max_source_length), "labels": self.label_ids[label]}
+
+    @property
+    def label_ids(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}

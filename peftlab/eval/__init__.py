@@ -1,0 +1,1 @@
+"""Evaluation: scoring checkpoints (loss, accuracy) and, later, generation metrics."""

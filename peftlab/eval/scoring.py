@@ -1,0 +1,33 @@
+"""Loss and accuracy of a model over batches, without gradients."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Mean loss (weighted by batch size), perplexity for LMs, accuracy for classification."""
+    was_training = model.training
+    model.eval()
+    loss_sum, examples, correct, classification = 0.0, 0, 0, False
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        n = batch["input_ids"].shape[0]
+        loss_sum += float(out.loss) * n
+        examples += n
+        if batch["labels"].dim() == 1:
+            classification = True
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    metrics = {"eval_loss": loss_sum / max(examples, 1)}
+    if classification:
+        metrics["eval_accuracy"] = correct / max(examples, 1)
+    else:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    return metrics

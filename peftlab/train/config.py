@@ -1,0 +1,197 @@
+"""The training config: one dataclass tree, read from YAML, overridden by flags and `key=value` pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.errors import PeftlabError
+
+
+@dataclass
+class ModelSection:
+    name: str = "random:t5-tiny"  # hub id | local dir | random:<preset> | minilm
+    task: str | None = None  # seq2seq | causal | classification; default: from the model
+
+
+@dataclass
+class DataSection:
+    train: str | None = None  # jsonl/json/csv/tsv/parquet file, or a hub dataset id
+    validation: str | None = None  # default: hold out validation_fraction of train
+    validation_fraction: float = 0.1
+    input_column: str = "text"
+    target_column: str | None = "label"  # the label column for classification
+    template: str | None = None  # e.g. "summarize: {dialogue}"
+    labels: list[str] | None = None  # classification label set; default: sorted labels seen in train
+    max_source_length: int = 128
+    max_target_length: int = 64
+    group_by_length: bool = True
+
+
+@dataclass
+class MethodSection:
+    name: str = "lora"  # lora | full
+    r: int = 8
+    alpha: float = 16
+    targets: list[str] | str | None = None  # default: the model's attention query and value
+    dropout: float = 0.05
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None  # default for classification: the head
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class RunSection:
+    output: str = "runs/run"
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1
+    max_steps: int | None = None  # overrides epochs
+    logging_steps: int = 10
+    eval_steps: int | None = None  # default: once at the end
+    eval_before: bool = True  # score the validation set before the first step too
+    save_steps: int | None = None  # default: only the final adapter
+    save_total_limit: int = 2
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast where the device supports it)
+    gradient_checkpointing: bool = False
+    resume: str | None = None  # a checkpoint dir, or "latest"
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.run.batch_size > 0, "run.batch_size must be > 0"),
+            (self.run.grad_accum > 0, "run.grad_accum must be > 0"),
+            (self.run.logging_steps > 0, "run.logging_steps must be > 0"),
+            (self.run.max_steps is None or self.run.max_steps > 0, "run.max_steps must be > 0"),
+            (self.run.epochs > 0, "run.epochs must be > 0"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (self.optim.scheduler in ("linear", "cosine", "constant"),
+             "optim.scheduler must be linear, cosine or constant"),
+            (self.run.precision in ("fp32", "bf16", "fp16"), "run.precision must be fp32, bf16 or fp16"),
+            (self.method.name in ("lora", "full"), "method.name must be lora or full"),
+            (self.model.task in (None, "seq2seq", "causal", "classification"),
+             "model.task must be seq2seq, causal or classification"),
+            (0 < self.data.validation_fraction < 1, "data.validation_fraction must be in (0, 1)"),
+            (self.data.train is not None, "no training data: pass --data FILE (jsonl, json, csv, tsv or parquet)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PeftlabError(message)
+        return self
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, section in _section_classes().items() for f in dataclasses.fields(section)]
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a bare field name: match it against the last component
+        by_field = {k.split(".")[-1]: k for k in all_keys()}
+        close = [by_field[c] for c in difflib.get_close_matches(key.split(".")[-1], list(by_field), n=1)]
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(all_keys())}"
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value != "" else None
+    if value is None:
+        return None
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return value  # an int is a valid float (alpha=16 stays 16, as peft writes it)
+        if origin is list and isinstance(value, str):
+            return [v.strip() for v in value.split(",")]
+        if isinstance(origin, type) and isinstance(value, origin):
+            return value
+    raise PeftlabError(f"{key}={value!r} has the wrong type: expected {annotation}")
+
+
+def set_key(config: TrainConfig, key: str, value: Any) -> None:
+    """Set a dotted key (`optim.lr`) or a unique bare field name (`lr`)."""
+    section_name, _, name = key.partition(".")
+    if not name:  # bare name
+        owners = [k for k in all_keys() if k.split(".")[-1] == key]
+        if len(owners) != 1:
+            raise PeftlabError(f"unknown config key {key!r}{_suggest(key)}")
+        section_name, name = owners[0].split(".")
+    sections = _section_classes()
+    if section_name not in sections or name not in {f.name for f in dataclasses.fields(sections[section_name])}:
+        raise PeftlabError(f"unknown config key {key!r}{_suggest(key)}")
+    annotation = typing.get_type_hints(sections[section_name])[name]
+    setattr(getattr(config, section_name), name, _coerce(key, value, annotation))
+
+
+def from_dict(raw: dict[str, Any], config: TrainConfig | None = None) -> TrainConfig:
+    config = config or TrainConfig()
+    for section, values in (raw or {}).items():
+        if not isinstance(values, dict):
+            set_key(config, section, values)
+            continue
+        for name, value in values.items():
+            set_key(config, f"{section}.{name}", value)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) then overrides, in that order; values are type-checked."""
+    config = TrainConfig()
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise PeftlabError(f"config file {path} not found: check the path") from None
+        except yaml.YAMLError as e:
+            raise PeftlabError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise PeftlabError(f"config file {path} must hold a mapping of sections (model, data, ...)")
+        from_dict(raw or {}, config)
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value)
+    return config

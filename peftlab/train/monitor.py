@@ -1,0 +1,75 @@
+"""What a run reports: the HF-Trainer-style log line, metrics.jsonl, per-module gradient norms, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+
+def log_line(loss: float, grad_norm: float, learning_rate: float, epoch: float) -> str:
+    """The seed's line, as HF Trainer prints it: `{'loss': 31.0025, 'grad_norm': 1.39..., ...}`."""
+    return str({"loss": round(loss, 4), "grad_norm": grad_norm, "learning_rate": learning_rate,
+                "epoch": round(epoch, 2)})
+
+
+def module_grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each trainable tensor's gradient, keyed by its name without the adapter name
+    (`encoder.block.0.layer.0.SelfAttention.q.lora_A`)."""
+    norms = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            key = re.sub(r"\.(lora_\w+)\.[^.]+\.weight$", r".\1", name)
+            norms[key] = float(p.grad.detach().float().norm())
+    return norms
+
+
+class MetricsLog:
+    """Appends one JSON object per event to metrics.jsonl (flushed at once, so a crash keeps what was logged)."""
+
+    def __init__(self, path: Path, append: bool) -> None:
+        self.file = open(path, "a" if append else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ProgressReporter:
+    """A rich progress bar with ETA on a terminal; plain printed lines otherwise."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool | None = None) -> None:
+        self.enabled = sys.stdout.isatty() if enabled is None else enabled
+        self.progress = None
+        if self.enabled:
+            self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+            self.task = self.progress.add_task("train", total=total, completed=start)
+            self.progress.start()
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress.advance(self.task)
+
+    def print(self, text: str) -> None:
+        if self.progress:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def is_finite(value: torch.Tensor | float) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(value)))
