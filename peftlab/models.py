@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     T5Config,
 )
+from transformers.utils import logging as transformers_logging
 
 from peftlab.errors import PeftlabError
 
@@ -137,7 +138,12 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
     task = task or default_task(config)
     extra = {"num_labels": num_labels} if task == "classification" else {}
     torch.manual_seed(seed)  # a fresh classification head is the same every time
-    model = AUTO_CLASSES[task].from_pretrained(path, **extra)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report lists the new head as "MISSING"
+    try:
+        model = AUTO_CLASSES[task].from_pretrained(path, **extra)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

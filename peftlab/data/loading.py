@@ -7,9 +7,9 @@ from pathlib import Path
 
 import datasets
 
-datasets.disable_progress_bars()  # one bar per run is ours; tiny local files need none
-
 from peftlab.errors import PeftlabError
+
+datasets.disable_progress_bars()  # one bar per run is ours; tiny local files need none
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
