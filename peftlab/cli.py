@@ -64,7 +64,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise PeftlabError(f"expected key=value, got {pair!r}: e.g. optim.weight_decay=0.01")
-        overrides[key] = value
+        overrides[key] = parse_targets(value) if key.endswith("targets") else value
     return overrides
 
 

@@ -136,21 +136,29 @@ def _suggest(key: str) -> str:
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Turn a YAML or command-line value into the field's type."""
-    if isinstance(value, str):
-        value = yaml.safe_load(value) if value != "" else None
-    if value is None:
-        return None
+    """Check a value against the field's type; a string for a non-string field is read as YAML ("16", "[q, v]")."""
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    for kind in allowed:
-        origin = typing.get_origin(kind) or kind
-        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return value  # an int is a valid float (alpha=16 stays 16, as peft writes it)
-        if origin is list and isinstance(value, str):
-            return [v.strip() for v in value.split(",")]
-        if isinstance(origin, type) and isinstance(value, origin):
+    origins = [typing.get_origin(kind) or kind for kind in allowed]
+    if value == "" and type(None) in origins:
+        return None
+    if isinstance(value, str) and str not in origins:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if value is None and type(None) in origins:
+        return None
+    for origin in origins:
+        if isinstance(origin, type) and origin is not type(None) and isinstance(value, origin):
+            if origin is int and isinstance(value, bool):
+                continue
             return value
-    raise PeftlabError(f"{key}={value!r} has the wrong type: expected {annotation}")
+    if float in origins and isinstance(value, int) and not isinstance(value, bool):
+        return value  # an int is a valid float (alpha=16 stays 16, as peft writes it)
+    if list in origins and isinstance(value, str):
+        return [v.strip() for v in value.split(",")]
+    expected = getattr(annotation, "__name__", str(annotation))
+    raise PeftlabError(f"{key}={value!r} has the wrong type: expected {expected}")
 
 
 def set_key(config: TrainConfig, key: str, value: Any) -> None:
