@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 
 Task = Literal["seq2seq", "causal", "classification"]
 AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM,
@@ -141,7 +141,7 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
         hint = ("check the path" if where == "directory" else
                 f"check the id and your network, or use a local directory or one of "
                 f"{[RANDOM_PREFIX + p for p in PRESETS]}")
-        raise PeftlabError(f"cannot load {where} {path!r} ({str(e).splitlines()[0]}): {hint}") from None
+        raise PeftlabError(f"cannot load {where} {path!r} ({first_line(e)}): {hint}") from None
     task = task or default_task(config)
     extra = {"num_labels": num_labels} if task == "classification" else {}
     torch.manual_seed(seed)  # a fresh classification head is the same every time

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import datasets
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 
 datasets.disable_progress_bars()  # one bar per run is ours; tiny local files need none
 
@@ -27,14 +27,14 @@ def load_table(source: str, split: str = "train") -> datasets.Dataset:
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
         except Exception as e:  # datasets raises many types for a malformed file
-            raise PeftlabError(f"cannot parse {source} as {path.suffix[1:]} ({str(e).splitlines()[0][:150]})") from None
+            raise PeftlabError(f"cannot parse {source} as {path.suffix[1:]} ({first_line(e)})") from None
     else:
         name, _, hub_split = source.partition(":")
         try:
             table = datasets.load_dataset(name, split=hub_split or split)
         except Exception as e:
             offline = " (offline: use a local file)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            raise PeftlabError(f"cannot load dataset {source!r}{offline}: {str(e).splitlines()[0][:150]}") from None
+            raise PeftlabError(f"cannot load dataset {source!r}{offline}: {first_line(e)}") from None
     if len(table) == 0:
         raise PeftlabError(f"dataset {source} is empty: it needs at least one example")
     return table

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 from peftlab.io import atomic_write, write_text
 from peftlab.methods.inject import adapter_state_dict, apply, load_adapter_state_dict, remove_adapter
 from peftlab.methods.lora import LoraConfig
@@ -118,8 +118,7 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
             return torch.load(pickled, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         bad = safe if safe.is_file() else pickled
-        first_line = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise PeftlabError(f"{bad} is corrupt or not a plain tensor file ({first_line}): "
+        raise PeftlabError(f"{bad} is corrupt or not a plain tensor file ({first_line(e)}): "
                            "save the adapter again") from None
     raise PeftlabError(f"no {WEIGHTS_NAME} in {directory}: the adapter weights are missing")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 
 
 @dataclass
@@ -196,7 +196,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except FileNotFoundError:
             raise PeftlabError(f"config file {path} not found: check the path") from None
         except yaml.YAMLError as e:
-            raise PeftlabError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise PeftlabError(f"config file {path} is not valid YAML ({first_line(e)})") from None
         if raw is not None and not isinstance(raw, dict):
             raise PeftlabError(f"config file {path} must hold a mapping of sections (model, data, ...)")
         from_dict(raw or {}, config)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 
 STATE_NAME = "trainer_state.pt"
 
@@ -67,5 +67,5 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PeftlabError(f"{checkpoint / STATE_NAME} cannot be read ({str(e).splitlines()[0][:120]}): "
+        raise PeftlabError(f"{checkpoint / STATE_NAME} cannot be read ({first_line(e)}): "
                            "resume from an earlier checkpoint") from None
