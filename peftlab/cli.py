@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from peftlab.errors import PeftlabError
 
@@ -95,6 +96,81 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftlab.eval.evaluate import EvalOptions, evaluate
+    from peftlab.eval.runs import load_run
+
+    if args.max_new_tokens <= 0:
+        raise PeftlabError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    run = load_run(args.p, args.model)
+    options = EvalOptions(args.data, args.batch_size, args.max_new_tokens, args.num_beams, args.output,
+                          args.compare_base, args.limit)
+    evaluate(run, Path(args.p), options)
+    return 0
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """Texts from the command line or a jsonl file (field "input" or "text"; optional "adapter")."""
+    if not args.file:
+        if not args.inputs:
+            raise PeftlabError('nothing to generate from: pass texts ("summarize: ...") or --file inputs.jsonl')
+        return list(args.inputs), None
+    from peftlab.data.loading import load_table
+
+    rows = list(load_table(args.file))
+    field = next((f for f in ("input", "text") if f in rows[0]), None)
+    if field is None:
+        raise PeftlabError(f"{args.file} needs an 'input' or 'text' field; it has {sorted(rows[0])}")
+    adapters = [r.get("adapter") or args.use for r in rows] if "adapter" in rows[0] else None
+    return [str(r[field]) for r in rows], adapters
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from peftlab.eval.generation import generate
+    from peftlab.eval.runs import load_run
+    from peftlab.methods.checkpoint import load_adapter
+    from peftlab.methods.inject import BASE_NAME, adapters_disabled, per_example_adapters, set_active
+
+    texts, per_example = _inputs(args)
+    run = load_run(args.p, args.model)
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise PeftlabError(f"--adapter wants name=path, got {spec!r}")
+        load_adapter(run.model, path, name)
+    if args.use and args.use != BASE_NAME:
+        set_active(run.model, args.use)
+    if per_example:
+        context = per_example_adapters(run.model, per_example)
+    elif args.use == BASE_NAME:
+        context = adapters_disabled(run.model)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        outputs = generate(run.model, run.tokenizer, texts, run.task, args.batch_size, args.max_new_tokens,
+                           args.num_beams)
+    for text, output in zip(texts, outputs, strict=True):
+        print(json.dumps({"input": text, "output": output}) if args.file else output)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from peftlab.eval.export import export_merged
+    from peftlab.eval.runs import load_run
+
+    out = export_merged(load_run(args.p, args.model), args.o, args.overwrite)
+    print(f"merged model written to {out} (load it with transformers' AutoModel*.from_pretrained)")
+    return 0
+
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", required=True, metavar="CHECKPOINT", help="run directory or checkpoint-<step> directory")
+    p.add_argument("--model", help="base model (default: the one the adapter names)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("set", nargs="*", metavar="key=value", help="any other config key, e.g. optim.weight_decay=0.01")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint: generation or classification metrics, loss")
+    _add_checkpoint_flags(p)
+    p.add_argument("--data", help="dataset (default: the run's validation data)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--output", help="where predictions.jsonl and metrics.json go (default: CHECKPOINT/eval)")
+    p.add_argument("--compare-base", action="store_true", help="also score the base model, side by side")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("generate", help="batched generation from a checkpoint")
+    _add_checkpoint_flags(p)
+    p.add_argument("inputs", nargs="*", help="input texts")
+    p.add_argument("--file", help="jsonl with an 'input' (or 'text') field and optionally 'adapter' per row")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="load another adapter on the same base (repeatable)")
+    p.add_argument("--use", help="the adapter to run (default: the last loaded); '__base__' for none")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base: a plain Hugging Face model directory")
+    _add_checkpoint_flags(p)
+    p.add_argument("-o", required=True, metavar="OUT", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("demo", help="offline: LoRA on the pretrained MiniLM, a synthetic task, before/after")
     p.add_argument("--output", default="runs/demo", help="run directory (replaced if it holds an earlier demo)")

@@ -3,6 +3,7 @@ freeze the rest, and name adapter tensors as peft does on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import re
@@ -15,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.errors import PeftlabError
 
 ADAPTERS_ATTR = "peftlab_adapters"  # {adapter name: config}, set on the model by apply()
+BASE_NAME = "__base__"  # in a mixed batch: the example runs through the base model alone
 LINEAR_TYPES = (nn.Linear, Conv1D)
 CLASSIFIER_HEADS = ("score", "classifier")  # peft's SEQ_CLS_HEAD_NAMES
 
@@ -43,14 +45,27 @@ class ModulesToSave(nn.Module):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
+        self.batch_adapters: list[str] | None = None
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
         self.active_adapter = name
 
     def forward(self, *args, **kwargs):
+        if self.batch_adapters is not None:
+            return self._mixed_batch_forward(*args, **kwargs)
         module = self.modules_to_save[self.active_adapter] if self.active_adapter else self.original_module
         return module(*args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        from peftlab.methods.lora import per_row
+
+        names = per_row(self.batch_adapters, x.shape[0])
+        result = self.original_module(x, *args, **kwargs).clone()
+        for name in set(names) & set(self.modules_to_save):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            result[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+        return result
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -211,6 +226,44 @@ def set_active(model: nn.Module, adapter: str) -> None:
     set_trainable(model, adapter)
 
 
+@contextlib.contextmanager
+def per_example_adapters(model: nn.Module, names: list[str]):
+    """Inside the block, example i of each batch runs through adapter names[i] ("__base__": none)."""
+    loaded = set(getattr(model, ADAPTERS_ATTR, {}))
+    unknown = sorted(set(names) - loaded - {BASE_NAME})
+    if unknown:
+        raise PeftlabError(f"unknown adapter(s) {unknown}; loaded: {sorted(loaded)} (or {BASE_NAME!r} for none)")
+    layers = adapter_layers(model).values()
+    for module in layers:
+        module.batch_adapters = list(names)
+    try:
+        yield model
+    finally:
+        for module in layers:
+            module.batch_adapters = None
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the bare base model inside the block (adapters stay loaded; merged ones are unmerged first)."""
+    layers = adapter_layers(model)
+    saved = {}
+    for name, module in layers.items():
+        if isinstance(module, ModulesToSave):
+            saved[name], module.active_adapter = module.active_adapter, None
+        else:
+            module.unmerge()
+            saved[name], module.active_adapters = module.active_adapters, []
+    try:
+        yield model
+    finally:
+        for name, module in layers.items():
+            if isinstance(module, ModulesToSave):
+                module.active_adapter = saved[name]
+            else:
+                module.active_adapters = saved[name]
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights (reversible with `unmerge`)."""
     for module in adapter_layers(model).values():
@@ -248,7 +301,8 @@ def remove_adapter(model: nn.Module, adapter: str) -> nn.Module:
         raise PeftlabError(f"no adapter named {adapter!r}; loaded: {sorted(adapters)}")
     for name, module in adapter_layers(model).items():
         if isinstance(module, ModulesToSave):
-            module.modules_to_save.pop(adapter, None)
+            if adapter in module.modules_to_save:
+                del module.modules_to_save[adapter]
             remaining = list(module.modules_to_save)
             module.active_adapter = remaining[0] if remaining else None
             if not remaining:

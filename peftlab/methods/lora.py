@@ -72,6 +72,13 @@ class LoraConfig:
         return layer
 
 
+def per_row(names: list[str], rows: int) -> list[str]:
+    """Stretch per-example adapter names over `rows` (generation repeats each example num_beams times)."""
+    if rows % len(names):
+        raise RuntimeError(f"a batch of {rows} rows does not fit {len(names)} adapter names")
+    return [n for n in names for _ in range(rows // len(names))]
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -97,6 +104,7 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.batch_adapters: list[str] | None = None  # one adapter name per example (a mixed batch)
 
     def weight_matrix(self, w: torch.Tensor) -> torch.Tensor:
         return w.T if self.fan_in_fan_out else w
@@ -127,14 +135,28 @@ class LoraLayer(AdapterLayer):
         delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
         return self.weight_matrix(delta)
 
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        return lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            return self._mixed_batch_forward(x, result)
         for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + lora_B(lora_A(h)) * self.scaling[name]
+            if name not in self.merged_adapters:
+                result = result + self.lora_delta(x, name)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each example through its own adapter (names not loaded here, e.g. "__base__", get none)."""
+        if self.merged_adapters:
+            raise RuntimeError("unmerge adapters before running a mixed batch")
+        names = per_row(self.batch_adapters, x.shape[0])
+        result = result.clone()
+        for name in set(names) & set(self.lora_A):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            result[rows] += self.lora_delta(x[rows], name).to(result.dtype)
         return result
 
     @torch.no_grad()

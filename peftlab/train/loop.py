@@ -178,7 +178,7 @@ def _accumulate(cfg, model, stream, device, seq2seq: bool, step: int) -> tuple[f
         with autocast(device, cfg.run.precision):
             loss = model(**batch).loss / accum
         if not is_finite(loss):
-            raise PeftlabError(f"loss became {float(loss * accum)} at step {step + 1}: lower --lr or check the data; "
+            raise PeftlabError(f"loss became {loss.item() * accum} at step {step + 1}: lower --lr or check the data; "
                                "the last saved checkpoint is untouched (resume from it with --resume latest)")
         loss.backward()
         total_loss += loss.item()

@@ -1,0 +1,36 @@
+"""Batched generation for seq2seq and causal LMs (greedy or beam search)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftlabError
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, batch_size: int = 8,
+             max_new_tokens: int = 64, num_beams: int = 1, max_source_length: int = 512,
+             on_batch=None) -> list[str]:
+    """Decoded continuations of `sources`, in order; `on_batch(n)` is called after each batch (progress)."""
+    if max_new_tokens <= 0:
+        raise PeftlabError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if task not in ("seq2seq", "causal"):
+        raise PeftlabError(f"generation needs a seq2seq or causal model, this one is {task}")
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    tokenizer.padding_side = "left" if task == "causal" else "right"  # causal prompts must end where output starts
+    for start in range(0, len(sources), batch_size):
+        chunk = list(sources[start:start + batch_size])
+        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_source_length,
+                          return_tensors="pt").to(device)
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        if task == "causal":
+            generated = generated[:, batch["input_ids"].shape[1]:]
+        outputs += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        if on_batch:
+            on_batch(len(chunk))
+    return [o.strip() for o in outputs]

@@ -1,0 +1,149 @@
+"""`peftlab eval -p`, generation, merge, and several adapters on one base."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from conftest import fresh_base, randomize_lora_B
+from rouge_score import rouge_scorer
+from test_train import TASKS, run, seq_rows
+from transformers import AutoModelForSeq2SeqLM
+
+import peftlab
+from peftlab.cli import main
+from peftlab.data.synth import generate as synth
+from peftlab.eval.generation import generate
+from peftlab.eval.metrics import exact_match, label_metrics, macro_f1, rouge
+from peftlab.methods.inject import BASE_NAME, per_example_adapters
+
+
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("t5run")
+    return run(tmp, "r", {"model.name": "random:t5-tiny", "run.max_steps": 40, "method.targets": "all-linear",
+                          **TASKS["t5-tiny"]}).output
+
+
+def test_rouge_equals_rouge_score_on_fixed_strings():
+    predictions = ["the cat sat on the mat", "hello there general", "completely different"]
+    references = ["the cat is on the mat", "hello there", "nothing alike here\nsecond line"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    expected = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for p, r in zip(predictions, references)) / 3
+                for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    assert rouge(predictions, references) == pytest.approx(expected)
+    assert exact_match(["a ", "b"], ["a", "c"]) == 50.0
+
+
+def test_label_metrics_by_hand():
+    # labels a: tp 1 fp 1 fn 1 -> F1 0.5; b: tp 1 fp 1 fn 1 -> 0.5; c: tp 1 -> 1.0
+    assert macro_f1(["a", "b", "b", "c", "a"], ["a", "a", "b", "c", "b"]) == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert label_metrics([1, 0], [1, 1])["accuracy"] == 0.5
+
+
+def test_eval_writes_predictions_whose_metrics_recompute(t5_run, capsys):
+    assert main(["eval", "-p", str(t5_run), "--max-new-tokens", "8", "--compare-base"]) == 0
+    out = t5_run / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["examples"] == len(records) == 5  # the run's held-out 10% of 48 rows
+    recomputed = rouge([r["prediction"] for r in records], [r["reference"] for r in records])
+    for key, value in recomputed.items():
+        assert metrics["adapter"][key] == pytest.approx(value)
+    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]  # trained beats its base, side by side
+    assert (out / "predictions_base.jsonl").is_file()
+    assert "rougeL" in capsys.readouterr().out
+
+
+def test_eval_py_and_peftlab_eval_agree(t5_run, tmp_path):
+    assert main(["eval", "-p", str(t5_run), "--max-new-tokens", "8", "--output", str(tmp_path / "a")]) == 0
+    subprocess.run([sys.executable, "eval.py", "-p", str(t5_run), "--max-new-tokens", "8", "--output",
+                    str(tmp_path / "b")], check=True, capture_output=True)
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["adapter"] == b["adapter"]
+
+
+def test_classification_eval(tmp_path):
+    result = run(tmp_path, "cls", {"model.name": "random:bert-tiny", "run.max_steps": 10},
+                 rows=synth("sentiment", 60, seed=0))
+    assert main(["eval", "-p", str(result.output)]) == 0
+    metrics = json.loads((result.output / "eval" / "metrics.json").read_text())["adapter"]
+    records = [json.loads(line) for line in (result.output / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["accuracy"] == pytest.approx(sum(r["prediction"] == r["reference"] for r in records) / 6)
+    assert metrics["accuracy"] == pytest.approx(result.eval_after["eval_accuracy"])
+
+
+def test_generation_equals_peft_wrapped_generation(t5_run):
+    loaded = peftlab.eval.runs.load_run(t5_run)
+    base, tokenizer = fresh_base("t5-tiny")
+    theirs = peft.PeftModel.from_pretrained(base, t5_run).eval()
+    texts = [r["dialogue"] for r in seq_rows(6)]
+    ours = generate(loaded.model, loaded.tokenizer, texts, "seq2seq", batch_size=4, max_new_tokens=6)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    reference = tokenizer.batch_decode(theirs.generate(**batch, max_new_tokens=6, do_sample=False),
+                                       skip_special_tokens=True)
+    assert ours == [r.strip() for r in reference]
+
+
+def test_merged_directory_loads_in_transformers_with_equal_outputs(t5_run, tmp_path):
+    loaded = peftlab.eval.runs.load_run(t5_run)
+    batch = loaded.tokenizer(["alpha bravo", "golf hotel echo"], padding=True, return_tensors="pt")
+    batch["decoder_input_ids"] = torch.zeros((2, 3), dtype=torch.long)
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+    assert main(["merge", "-p", str(t5_run), "-o", str(tmp_path / "merged")]) == 0
+    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=0)
+    assert main(["merge", "-p", str(t5_run), "-o", str(tmp_path / "merged")]) == 2  # not empty: refused
+
+
+def test_mixed_batch_equals_each_adapter_alone(tmp_path):
+    base, tokenizer = fresh_base("bert-tiny")
+    model = copy.deepcopy(base)
+    for i, name in enumerate(["a", "b"]):
+        peftlab.apply(model, peftlab.LoraConfig(r=4, alpha=8, targets=["query", "value"],
+                                                modules_to_save=["classifier"]), adapter=name)
+        randomize_lora_B(model, seed=i)
+    model.eval()
+    batch = tokenizer(["one", "two words", "three small words", "four"], padding=True, return_tensors="pt")
+    names = ["a", "b", BASE_NAME, "b"]
+    with torch.no_grad(), per_example_adapters(model, names):
+        mixed = model(**batch).logits
+    with torch.no_grad():
+        alone = {}
+        for name in ("a", "b"):
+            peftlab.set_active(model, name)
+            alone[name] = model(**batch).logits
+        alone[BASE_NAME] = base(**batch).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=0)
+    assert not torch.allclose(alone["a"], alone["b"])
+    # adapters come and go without reloading the base
+    peftlab.remove_adapter(model, "a")
+    with pytest.raises(peftlab.PeftlabError, match="unknown adapter"):
+        with per_example_adapters(model, ["a"]):
+            pass
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, alone["b"], atol=1e-6, rtol=0)
+
+
+def test_eval_bad_input(t5_run, tmp_path, capsys):
+    assert main(["eval", "-p", str(tmp_path)]) == 2
+    assert "no adapter in" in capsys.readouterr().err
+    assert main(["eval", "-p", str(t5_run), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be positive" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"other": 1}\n')
+    assert main(["eval", "-p", str(t5_run), "--data", str(bad)]) == 2
+    assert "lacks column(s)" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["generate", "-p", str(t5_run), "--file", str(empty)]) == 2
+    assert "peftlab: error:" in capsys.readouterr().err
+    assert main(["eval", "-p", str(t5_run), "--model", "random:bart-tiny"]) == 2  # adapter for another base
+    assert "match no module" in capsys.readouterr().err
