@@ -32,7 +32,7 @@ def test_rouge_equals_rouge_score_on_fixed_strings():
     predictions = ["the cat sat on the mat", "hello there general", "completely different"]
     references = ["the cat is on the mat", "hello there", "nothing alike here\nsecond line"]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    expected = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for p, r in zip(predictions, references)) / 3
+    expected = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for p, r in zip(predictions, references, strict=True)) / 3
                 for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
     assert rouge(predictions, references) == pytest.approx(expected)
     assert exact_match(["a ", "b"], ["a", "c"]) == 50.0
