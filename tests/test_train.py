@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import peftlab
+import peftlab.eval.runs
 from peftlab.data.synth import generate, write_jsonl
 from peftlab.train import loop
 from peftlab.train.config import load_config
@@ -168,3 +169,44 @@ def test_minilm_accuracy_clearly_above_untrained_head(tmp_path):
     result = loop.train(config, progress=False)
     assert result.eval_after["eval_accuracy"] > result.eval_before["eval_accuracy"] + 0.25
     assert result.eval_after["eval_accuracy"] > 0.85
+
+
+def test_full_fine_tuning_trains_every_weight_and_evaluates(tmp_path):
+    result = run(tmp_path, "full", {"model.name": "random:t5-tiny", "method.name": "full", "run.max_steps": 20,
+                                    "optim.lr": 1e-3, **TASKS["t5-tiny"]})
+    assert result.logs[-1]["loss"] < result.logs[0]["loss"]
+    assert (result.output / "model.safetensors").is_file() and not (result.output / "adapter_config.json").exists()
+    loaded = peftlab.eval.runs.load_run(result.output)
+    fresh, _ = peftlab.load_model("random:t5-tiny")
+    changed = [n for n, p in loaded.model.named_parameters() if not torch.equal(p, fresh.get_parameter(n))]
+    assert len(changed) > 0.9 * len(list(fresh.parameters()))
+
+
+def test_grad_accum_equals_a_bigger_batch(tmp_path):
+    rows = generate("sentiment", 64, seed=0)
+    common = {"model.name": "random:bert-tiny", "run.max_steps": 4, "method.dropout": 0.0,
+              "model.overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+              "data.group_by_length": False, "optim.lr": 1e-3, "run.logging_steps": 1}
+    big = run(tmp_path, "big", {**common, "run.batch_size": 8}, rows=rows)
+    small = run(tmp_path, "small", {**common, "run.batch_size": 4, "run.grad_accum": 2}, rows=rows)
+    for a, b in zip(big.logs, small.logs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_switches_keep_the_math(tmp_path):
+    """Gradient checkpointing changes nothing; bf16 autocast stays close; epochs set the step count."""
+    rows = seq_rows()
+    common = {"model.name": "random:t5-tiny", "run.max_steps": 6, "method.dropout": 0.0, "run.logging_steps": 1,
+              **TASKS["t5-tiny"]}
+    plain = run(tmp_path, "plain", common, rows=rows)
+    checkpointed = run(tmp_path, "gc", {**common, "run.gradient_checkpointing": True}, rows=rows)
+    # T5 dropout (0.1) draws the same masks (checkpointing replays the RNG state); recomputation reorders float ops
+    assert [r["loss"] for r in checkpointed.logs] == pytest.approx([r["loss"] for r in plain.logs], rel=1e-3)
+    bf16 = run(tmp_path, "bf16", {**common, "run.precision": "bf16"}, rows=rows)
+    assert [r["loss"] for r in bf16.logs] == pytest.approx([r["loss"] for r in plain.logs], rel=0.05)
+    epochs = run(tmp_path, "ep", {**common, "run.max_steps": None, "run.epochs": 2, "run.eval_steps": 5},
+                 rows=rows)
+    assert epochs.steps == 2 * math.ceil(43 / 8)  # 43 training rows after the 10% hold-out, batch 8
+    lines = [json.loads(x) for x in (epochs.output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval_loss" in r and not r.get("final")] == [5, 10]

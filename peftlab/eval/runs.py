@@ -44,14 +44,16 @@ def load_run(path: str | Path, model_name: str | None = None, adapter: str = "de
         if not base:
             raise PeftlabError(f"{path / CONFIG_NAME} names no base model: pass --model")
         task = _task(config, base, TASK_TYPES.get(adapter_config.task_type or ""))
-        model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config))
+        model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config),
+                                      overrides=config.model.overrides if config else None)
         load_adapter(model, path, adapter)
     elif (path / "model.safetensors").is_file() and config is not None:
         from safetensors.torch import load_model as load_weights
 
         base = model_name or config.model.name
         task = _task(config, base, None)
-        model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config))
+        model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config),
+                                      overrides=config.model.overrides if config else None)
         load_weights(model, path / "model.safetensors")
     else:
         raise PeftlabError(f"no adapter in {path}: expected {CONFIG_NAME} (an adapter) or model.safetensors "

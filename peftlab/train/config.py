@@ -19,6 +19,7 @@ from peftlab.errors import PeftlabError, first_line
 class ModelSection:
     name: str = "random:t5-tiny"  # hub id | local dir | random:<preset> | minilm
     task: str | None = None  # seq2seq | causal | classification; default: from the model
+    overrides: dict | None = None  # model config fields, e.g. {dropout_rate: 0.0} for T5, {hidden_dropout_prob: 0}
 
 
 @dataclass

@@ -86,7 +86,8 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
     task = resolve_task(cfg.model.name, cfg.model.task)
     tables = setup.read_tables(cfg)
     labels = setup.label_set(cfg, tables[0]) if task == "classification" else []
-    model, tokenizer = load_model(cfg.model.name, task=task, num_labels=max(len(labels), 2), seed=cfg.run.seed)
+    model, tokenizer = load_model(cfg.model.name, task=task, num_labels=max(len(labels), 2), seed=cfg.run.seed,
+                                  overrides=cfg.model.overrides)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
     if cfg.run.gradient_checkpointing:
