@@ -147,3 +147,39 @@ def test_eval_bad_input(t5_run, tmp_path, capsys):
     assert "peftlab: error:" in capsys.readouterr().err
     assert main(["eval", "-p", str(t5_run), "--model", "random:bart-tiny"]) == 2  # adapter for another base
     assert "match no module" in capsys.readouterr().err
+
+
+def test_causal_generation_left_pads_and_equals_peft(tmp_path):
+    result = run(tmp_path, "gpt", {"model.name": "random:gpt2-tiny", "run.max_steps": 30, **TASKS["gpt2-tiny"]})
+    loaded = peftlab.eval.runs.load_run(result.output)
+    assert loaded.task == "causal"
+    prompts = ["Q: alpha bravo charlie A:", "Q: golf A:"]  # different lengths: padding must go on the left
+    ours = generate(loaded.model, loaded.tokenizer, prompts, "causal", batch_size=2, max_new_tokens=5)
+    base, tokenizer = fresh_base("gpt2-tiny")
+    theirs = peft.PeftModel.from_pretrained(base, result.output).eval()
+    one_by_one = []
+    for prompt in prompts:  # unpadded, one at a time: the reference
+        batch = tokenizer([prompt], return_tensors="pt")
+        out = theirs.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        one_by_one.append(tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert ours == one_by_one
+
+
+def test_cli_generate_with_named_adapters_and_mixed_file(t5_run, tmp_path, capsys):
+    other = run(tmp_path, "other", {"model.name": "random:t5-tiny", "run.max_steps": 5, "run.seed": 3,
+                                    **TASKS["t5-tiny"]}).output
+    texts = ["alpha bravo charlie", "golf hotel"]
+    outputs = {}
+    for use in ("default", "other", BASE_NAME):
+        assert main(["generate", "-p", str(t5_run), "--adapter", f"other={other}", "--use", use,
+                     "--max-new-tokens", "4", *texts]) == 0
+        outputs[use] = capsys.readouterr().out.splitlines()[-2:]
+    assert outputs["default"] != outputs[BASE_NAME]  # the adapters really change what is generated
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"input": t, "adapter": a}) + "\n"
+                             for t, a in zip(texts * 3, ["default"] * 2 + ["other"] * 2 + [BASE_NAME] * 2,
+                                             strict=True)))
+    assert main(["generate", "-p", str(t5_run), "--adapter", f"other={other}", "--file", str(mixed),
+                 "--max-new-tokens", "4", "--batch-size", "6"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["output"] for r in rows] == outputs["default"] + outputs["other"] + outputs[BASE_NAME]
