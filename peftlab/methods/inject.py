@@ -58,14 +58,21 @@ class ModulesToSave(nn.Module):
         return module(*args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from peftlab.methods.lora import per_row
-
-        names = per_row(self.batch_adapters, x.shape[0])
         result = self.original_module(x, *args, **kwargs).clone()
-        for name in set(names) & set(self.modules_to_save):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        for name, rows in rows_by_adapter(self.batch_adapters, x, self.modules_to_save):
             result[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
         return result
+
+
+def rows_by_adapter(names: list[str], x: torch.Tensor, loaded) -> list[tuple[str, torch.Tensor]]:
+    """(adapter, row indices of x) for each adapter of a mixed batch that this layer holds. Names are per
+    example; generation repeats each example num_beams times, so they stretch to x's rows."""
+    if x.shape[0] % len(names):
+        raise RuntimeError(f"a batch of {x.shape[0]} rows does not fit {len(names)} adapter names")
+    repeat = x.shape[0] // len(names)
+    per_row = [n for n in names for _ in range(repeat)]
+    return [(name, torch.tensor([i for i, n in enumerate(per_row) if n == name], device=x.device))
+            for name in dict.fromkeys(per_row) if name in loaded]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:

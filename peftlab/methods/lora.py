@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.inject import AdapterLayer
+from peftlab.methods.inject import AdapterLayer, rows_by_adapter
 
 
 @dataclass
@@ -70,13 +70,6 @@ class LoraConfig:
         layer = base if isinstance(base, LoraLayer) else LoraLayer(base)
         layer.add_adapter(adapter, r, alpha, self.dropout, self.use_rslora, self.init)
         return layer
-
-
-def per_row(names: list[str], rows: int) -> list[str]:
-    """Stretch per-example adapter names over `rows` (generation repeats each example num_beams times)."""
-    if rows % len(names):
-        raise RuntimeError(f"a batch of {rows} rows does not fit {len(names)} adapter names")
-    return [n for n in names for _ in range(rows // len(names))]
 
 
 def _pattern_value(pattern: dict, module_name: str, default):
@@ -152,10 +145,8 @@ class LoraLayer(AdapterLayer):
         """Each example through its own adapter (names not loaded here, e.g. "__base__", get none)."""
         if self.merged_adapters:
             raise RuntimeError("unmerge adapters before running a mixed batch")
-        names = per_row(self.batch_adapters, x.shape[0])
         result = result.clone()
-        for name in set(names) & set(self.lora_A):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        for name, rows in rows_by_adapter(self.batch_adapters, x, self.lora_A):
             result[rows] += self.lora_delta(x[rows], name).to(result.dtype)
         return result
 
