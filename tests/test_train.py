@@ -195,7 +195,8 @@ def test_grad_accum_equals_a_bigger_batch(tmp_path):
 
 
 def test_switches_keep_the_math(tmp_path):
-    """Gradient checkpointing changes nothing; bf16 autocast stays close; epochs set the step count."""
+    """Gradient checkpointing and the chunked loss change nothing; bf16 autocast stays close; epochs set the
+    step count."""
     rows = seq_rows()
     common = {"model.name": "random:t5-tiny", "run.max_steps": 6, "method.dropout": 0.0, "run.logging_steps": 1,
               **TASKS["t5-tiny"]}
@@ -203,6 +204,9 @@ def test_switches_keep_the_math(tmp_path):
     checkpointed = run(tmp_path, "gc", {**common, "run.gradient_checkpointing": True}, rows=rows)
     # T5 dropout (0.1) draws the same masks (checkpointing replays the RNG state); recomputation reorders float ops
     assert [r["loss"] for r in checkpointed.logs] == pytest.approx([r["loss"] for r in plain.logs], rel=1e-3)
+    unchunked = run(tmp_path, "unchunked", {**common, "run.chunked_loss": False}, rows=rows)
+    assert [r["loss"] for r in unchunked.logs] == pytest.approx([r["loss"] for r in plain.logs], rel=1e-3)
+    assert [r["grad_norm"] for r in unchunked.logs] == pytest.approx([r["grad_norm"] for r in plain.logs], rel=1e-3)
     bf16 = run(tmp_path, "bf16", {**common, "run.precision": "bf16"}, rows=rows)
     assert [r["loss"] for r in bf16.logs] == pytest.approx([r["loss"] for r in plain.logs], rel=0.05)
     epochs = run(tmp_path, "ep", {**common, "run.max_steps": None, "run.epochs": 2, "run.eval_steps": 5},

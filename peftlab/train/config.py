@@ -75,6 +75,7 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast where the device supports it)
     gradient_checkpointing: bool = False
+    chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see train/loss.py)
     resume: str | None = None  # a checkpoint dir, or "latest"
     overwrite: bool = False
 

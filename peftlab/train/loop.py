@@ -22,6 +22,7 @@ from peftlab.measure.sizes import trainable_line
 from peftlab.models import load_model, resolve_task
 from peftlab.train import setup
 from peftlab.train.config import TrainConfig
+from peftlab.train.loss import lm_loss, supports_chunked_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.state import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
@@ -129,11 +130,13 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress) -> RunResult:
     log = MetricsLog(out / "metrics.jsonl", append=bool(r.resume))
     bar = ProgressReporter(total, start=step, enabled=progress)
     seq2seq = task == "seq2seq"
+    compute_loss = lm_loss if r.chunked_loss and task != "classification" and supports_chunked_loss(model) \
+        else (lambda m, b: m(**b).loss)
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     try:
         while step < total:
             t0 = time.perf_counter()
-            loss, tokens = _accumulate(cfg, model, stream, device, seq2seq, step)
+            loss, tokens = _accumulate(cfg, model, stream, device, seq2seq, step, compute_loss)
             is_log_step = (step + 1) % r.logging_steps == 0 or step + 1 == total
             norms = module_grad_norms(model) if is_log_step else None
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm or math.inf))
@@ -170,14 +173,14 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress) -> RunResult:
     return result
 
 
-def _accumulate(cfg, model, stream, device, seq2seq: bool, step: int) -> tuple[float, int]:
+def _accumulate(cfg, model, stream, device, seq2seq: bool, step: int, compute_loss) -> tuple[float, int]:
     """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens."""
     accum = cfg.run.grad_accum
     total_loss, tokens = 0.0, 0
     for _ in range(accum):
         batch = {k: v.to(device) for k, v in stream.next().items()}
         with autocast(device, cfg.run.precision):
-            loss = model(**batch).loss / accum
+            loss = compute_loss(model, batch) / accum
         if not is_finite(loss):
             raise PeftlabError(f"loss became {loss.item() * accum} at step {step + 1}: lower --lr or check the data; "
                                "the last saved checkpoint is untouched (resume from it with --resume latest)")

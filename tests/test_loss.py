@@ -1,0 +1,56 @@
+"""The chunked LM loss equals the plain loss and its gradients, and the model's own loss."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import example_batch, fresh_base
+
+import peftlab
+from peftlab.train.loss import chunked_cross_entropy, lm_loss, supports_chunked_loss
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_cross_entropy_equals_plain(chunk):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11), generator=generator)
+    labels[0, 5:] = -100
+    plain = F.cross_entropy((hidden @ weight.T).view(-1, 50), labels.view(-1), ignore_index=-100)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    chunked = chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+    chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
+    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
+    for ours, reference in zip(chunked_grads, plain_grads, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("full", [False, True])
+def test_lm_loss_equals_the_models_own_loss_and_gradients(preset, full):
+    base, tokenizer = fresh_base(preset)
+    model = base if full else peftlab.apply(copy.deepcopy(base), peftlab.LoraConfig(r=4, targets="all-linear"))
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    assert supports_chunked_loss(model)
+    batch = example_batch(model, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = model(**batch).loss
+    reference_grads = torch.autograd.grad(reference, params, allow_unused=True)
+    ours = lm_loss(model, batch)
+    our_grads = torch.autograd.grad(ours, params, allow_unused=True)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    for a, b in zip(our_grads, reference_grads, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # restored
+
+
+def test_bart_is_not_claimed():  # BART adds final_logits_bias after lm_head
+    model, _ = fresh_base("bart-tiny")
+    assert not supports_chunked_loss(model)
