@@ -72,6 +72,36 @@ class LoraConfig:
         return layer
 
 
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's Bernoulli(1 - p) keep mask, one byte per element."""
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+
+
+class DroppedLowRank(torch.autograd.Function):
+    """scaling * B A dropout(x), saving x and a 1-byte keep mask rather than the dropped-out copy of x that
+    `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept alive by the graph anyway,
+    and q and v share it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_A, weight_B, p: float, scaling: float):
+        keep = keep_mask(x, p)
+        down = (x * keep / (1 - p)) @ weight_A.T
+        ctx.save_for_backward(x, keep, weight_A, weight_B, down)
+        ctx.p, ctx.scaling = p, scaling
+        return down @ weight_B.T * scaling
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, weight_A, weight_B, down = ctx.saved_tensors
+        grad = grad * ctx.scaling
+        grad_down = grad @ weight_B
+        grad_B = grad.reshape(-1, grad.shape[-1]).T @ down.reshape(-1, down.shape[-1])
+        dropped = x * keep / (1 - ctx.p)  # regenerated for this step only
+        grad_A = grad_down.reshape(-1, grad_down.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
+        grad_x = (grad_down @ weight_A) * keep / (1 - ctx.p) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_A, grad_B, None, None
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -129,8 +159,11 @@ class LoraLayer(AdapterLayer):
         return self.weight_matrix(delta)
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        return lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = x.to(lora_A.weight.dtype)
+        if isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled():
+            return DroppedLowRank.apply(x, lora_A.weight, lora_B.weight, dropout.p, self.scaling[name])
+        return lora_B(lora_A(dropout(x))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

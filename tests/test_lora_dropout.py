@@ -1,0 +1,42 @@
+"""The mask-saving LoRA dropout path equals plain autograd with the same mask, and drops at rate p."""
+
+import pytest
+import torch
+
+import peftlab.methods.lora as lora
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropped_low_rank_equals_reference(p):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=generator, requires_grad=True)
+    A = torch.randn(4, 16, generator=generator, requires_grad=True)
+    B = torch.randn(8, 4, generator=generator, requires_grad=True)
+    upstream = torch.randn(3, 5, 8, generator=generator)
+
+    torch.manual_seed(7)
+    keep = lora.keep_mask(x, p)
+    reference = ((x * keep / (1 - p)) @ A.T @ B.T) * 2.5
+    reference_grads = torch.autograd.grad(reference, (x, A, B), upstream)
+
+    torch.manual_seed(7)  # the same mask inside the custom function
+    ours = lora.DroppedLowRank.apply(x, A, B, p, 2.5)
+    our_grads = torch.autograd.grad(ours, (x, A, B), upstream)
+    torch.testing.assert_close(ours, reference)
+    for a, b in zip(our_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_mask_rate_and_layer_uses_it_only_when_training():
+    x = torch.ones(200_000)
+    assert abs(lora.keep_mask(x, 0.1).float().mean().item() - 0.9) < 0.005
+    layer = lora.LoraLayer(torch.nn.Linear(16, 8))
+    layer.add_adapter("default", 4, 8, 0.3, False, "kaiming")
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    inputs = torch.randn(2, 16, requires_grad=True)
+    layer.train()
+    out = layer(inputs)
+    assert out.grad_fn is not None and "DroppedLowRank" in str(out.grad_fn.next_functions)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs), layer.base_layer(inputs) + layer.lora_delta(inputs, "default"))
