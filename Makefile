@@ -28,6 +28,7 @@ demo: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/profile_step.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -23,6 +23,8 @@ from pathlib import Path
 
 SOURCE_TOKENS, TARGET_TOKENS = 128, 64
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results import update_section  # noqa: E402
 
 
 def make_data(path: Path, n: int) -> None:
@@ -175,8 +177,7 @@ def main() -> None:
 
 def write_results(path: Path, rows, peak: float, args) -> None:
     command = f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps}"
-    lines = ["# Benchmarks", "", "## Training step: peftlab vs HF peft + Seq2SeqTrainer", "",
-             f"Reproduce: `{command}` (or `make bench`). Machine: {versions()}. "
+    lines = [f"Reproduce: `{command}` (or `make bench`). Machine: {versions()}. "
              f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s.",
              f"Model `random:flan-t5-small`, {SOURCE_TOKENS} source + {TARGET_TOKENS} target tokens, LoRA r=8 "
              f"alpha=16 on q,v (dropout 0.05), T5 dropout 0.1, AdamW, fp32. Median of steps 2..{args.steps}; "
@@ -189,8 +190,7 @@ def write_results(path: Path, rows, peak: float, args) -> None:
                      f"{ours['median_step_s'] / theirs['median_step_s']:.2f} | {ours['tokens_per_s']:.0f} | "
                      f"{theirs['tokens_per_s']:.0f} | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
                      f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
-    lines.append("")
-    path.write_text("\n".join(lines))
+    update_section("Training step: peftlab vs HF peft + Seq2SeqTrainer", "\n".join(lines), path)
     print(f"wrote {path}")
 
 

@@ -1,0 +1,68 @@
+"""Where a peftlab LoRA training step spends its time: torch.profiler over a few steps.
+
+    python bench/profile_step.py [--batch 8] [--steps 3]
+
+Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import update_section  # noqa: E402
+from run import SOURCE_TOKENS, TARGET_TOKENS, make_data  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+
+    from peftlab.data.batching import collate
+    from peftlab.methods import LoraConfig
+    from peftlab.methods.inject import apply
+    from peftlab.models import load_model
+    from peftlab.train.loss import lm_loss
+
+    model, tokenizer = load_model("random:flan-t5-small")
+    apply(model, LoraConfig(r=8, alpha=16, targets=["q", "v"], dropout=0.05))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "d.jsonl"
+        make_data(data, args.batch)
+        import json
+
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+    examples = [{"input_ids": tokenizer(r["source"])["input_ids"], "labels": tokenizer(r["target"])["input_ids"]}
+                for r in rows]
+    batch = collate(examples, tokenizer.pad_token_id)
+
+    def step():
+        lm_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(args.steps):
+            step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
+    print(table)
+    update_section("Profile", f"`python bench/profile_step.py --batch {args.batch} --steps {args.steps}`: peftlab LoRA "
+                   f"r=8 on q,v, random:flan-t5-small, {SOURCE_TOKENS}+{TARGET_TOKENS} tokens, batch "
+                   f"{args.batch}, {args.steps} steps, top {args.top} operators by self CPU time.\n\n"
+                   f"```\n{table}\n```")
+
+
+if __name__ == "__main__":
+    main()
