@@ -73,8 +73,9 @@ class LoraConfig:
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout's Bernoulli(1 - p) keep mask, one byte per element."""
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    """Dropout's Bernoulli(1 - p) keep mask, one byte per element (uniform >= p: about twice as fast on CPU
+    as bernoulli_, same distribution)."""
+    return torch.rand(x.shape, device=x.device) >= p  # fp32 draws, whatever the dtype of x
 
 
 class DroppedLowRank(torch.autograd.Function):
