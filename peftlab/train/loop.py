@@ -132,28 +132,23 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress) -> RunResult:
     seq2seq = task == "seq2seq"
     compute_loss = lm_loss if r.chunked_loss and task != "classification" and supports_chunked_loss(model) \
         else (lambda m, b: m(**b).loss)
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+    window = LogWindow()
     try:
         while step < total:
             t0 = time.perf_counter()
             loss, tokens = _accumulate(cfg, model, stream, device, seq2seq, step, compute_loss)
             is_log_step = (step + 1) % r.logging_steps == 0 or step + 1 == total
             norms = module_grad_norms(model) if is_log_step else None
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm or math.inf))
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, learning_rate = _optimizer_step(cfg, trainable, optimizer, scheduler)
             step += 1
-            window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
-                      "tokens": window["tokens"] + tokens, "seconds": window["seconds"] + time.perf_counter() - t0}
+            window.add(loss, tokens, time.perf_counter() - t0)
             bar.advance()
             if is_log_step:
                 record = _log_record(window, grad_norm, learning_rate, stream.fractional_epoch, step, norms, device)
                 bar.print(log_line(record["loss"], grad_norm, learning_rate, record["epoch"]))
                 log.write(record)
                 result.logs.append(record)
-                window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+                window = LogWindow()
             if r.eval_steps and step % r.eval_steps == 0 and step < total:
                 metrics = {"step": step, **score(model, val_batches, device)}
                 bar.print(str(metrics))
@@ -173,6 +168,30 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress) -> RunResult:
     return result
 
 
+@dataclass
+class LogWindow:
+    """What accumulates between two log lines."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+
+def _optimizer_step(cfg, trainable, optimizer, scheduler) -> tuple[float, float]:
+    """Clip, step, advance the schedule; returns the pre-clip grad norm and the rate this step used."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm or math.inf))
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, learning_rate
+
+
 def _accumulate(cfg, model, stream, device, seq2seq: bool, step: int, compute_loss) -> tuple[float, int]:
     """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens."""
     accum = cfg.run.grad_accum
@@ -190,11 +209,11 @@ def _accumulate(cfg, model, stream, device, seq2seq: bool, step: int, compute_lo
     return total_loss, tokens
 
 
-def _log_record(window, grad_norm, learning_rate, epoch, step, norms, device) -> dict[str, Any]:
-    return {"step": step, "loss": window["loss"] / window["steps"], "grad_norm": grad_norm,
+def _log_record(window: LogWindow, grad_norm, learning_rate, epoch, step, norms, device) -> dict[str, Any]:
+    return {"step": step, "loss": window.loss / window.steps, "grad_norm": grad_norm,
             "learning_rate": learning_rate, "epoch": epoch,
-            "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-            "step_time_s": window["seconds"] / window["steps"],
+            "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+            "step_time_s": window.seconds / window.steps,
             "peak_memory_mb": peak_memory_bytes(device) / 2**20, "grad_norms": norms}
 
 

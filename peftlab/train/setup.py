@@ -21,7 +21,9 @@ from peftlab.train.config import TrainConfig
 DEFAULT_TARGETS = {"t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
                    "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
                    "bert": ["query", "value"], "roberta": ["query", "value"]}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")  # these mark a run
+RUN_OUTPUTS = (*RUN_FILES, "adapter_model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+               "results.json")  # everything a run writes at its root; --overwrite removes exactly these
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,8 +51,7 @@ def prepare_output(cfg: TrainConfig) -> Path:
         for child in out.iterdir():
             if child.name.startswith("checkpoint-"):
                 shutil.rmtree(child)
-            elif child.name in RUN_FILES or child.name in ("tokenizer.json", "tokenizer_config.json", "config.json",
-                                                           "adapter_model.safetensors", "results.json"):
+            elif child.name in RUN_OUTPUTS:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
