@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,7 @@ TRAIN_FLAGS = {
     "--epochs": ("run.epochs", float), "--logging-steps": ("run.logging_steps", int),
     "--eval-steps": ("run.eval_steps", int), "--save-steps": ("run.save_steps", int), "--seed": ("run.seed", int),
     "--device": ("run.device", str), "--output": ("run.output", str), "--resume": ("run.resume", str),
+    "--distributed": ("run.distributed", str),
 }
 
 
@@ -74,9 +76,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.train.loop import train
 
     config = load_config(args.config, train_overrides(args))
+    if args.nproc is not None:
+        from peftlab.train import distributed
+
+        config.validate()
+        distributed.check_batch(distributed.World(size=args.nproc), config.run.batch_size)
+        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
+        return 0
     print(f"saved to {result.output}  eval before: {result.eval_before}  after: {result.eval_after}")
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus `option VALUE` / `option=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -186,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (key, kind) in TRAIN_FLAGS.items():
         p.add_argument(flag, type=kind, help=f"sets {key}")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--nproc", type=int, help="run N processes on this machine (torchrun; DDP or --distributed fsdp)")
     p.add_argument("set", nargs="*", metavar="key=value", help="any other config key, e.g. optim.weight_decay=0.01")
     p.set_defaults(run=cmd_train)
 
@@ -235,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except PeftlabError as e:

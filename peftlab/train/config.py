@@ -77,6 +77,7 @@ class RunSection:
     gradient_checkpointing: bool = False
     chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see train/loss.py)
     resume: str | None = None  # a checkpoint dir, or "latest"
+    distributed: str = "ddp"  # ddp | fsdp: how several processes (torchrun, --nproc) share the work
     overwrite: bool = False
 
 
@@ -105,6 +106,7 @@ class TrainConfig:
             (self.optim.scheduler in ("linear", "cosine", "constant"),
              "optim.scheduler must be linear, cosine or constant"),
             (self.run.precision in ("fp32", "bf16", "fp16"), "run.precision must be fp32, bf16 or fp16"),
+            (self.run.distributed in ("ddp", "fsdp"), "run.distributed must be ddp or fsdp"),
             (self.method.name in ("lora", "full"), "method.name must be lora or full"),
             (self.model.task in (None, "seq2seq", "causal", "classification"),
              "model.task must be seq2seq, causal or classification"),

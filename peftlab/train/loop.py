@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import random
@@ -20,12 +21,13 @@ from peftlab.io import write_text
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import trainable_line
 from peftlab.models import load_model, resolve_task
-from peftlab.train import setup
+from peftlab.train import distributed, setup
 from peftlab.train.config import TrainConfig
+from peftlab.train.distributed import SINGLE, World
 from peftlab.train.loss import lm_loss, supports_chunked_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
-from peftlab.train.state import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from peftlab.train.state import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 
 
 @dataclass
@@ -40,8 +42,8 @@ class RunResult:
 class MicroBatches:
     """Micro-batches across epochs, with a position (epoch, index) that a checkpoint can restore."""
 
-    def __init__(self, examples: list[dict], cfg: TrainConfig, pad_id: int) -> None:
-        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+    def __init__(self, examples: list[dict], cfg: TrainConfig, pad_id: int, world: World = SINGLE) -> None:
+        self.examples, self.cfg, self.pad_id, self.world = examples, cfg, pad_id, world
         self.lengths = [len(e["input_ids"]) for e in examples]
         self.epoch, self.index = 0, 0
         self.batches = self._order()
@@ -57,12 +59,13 @@ class MicroBatches:
         self.epoch, self.index = epoch, index
         self.batches = self._order()
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """This process's part of the next micro-batch, and False when it is only a stand-in (weight 0)."""
         if self.index >= len(self.batches):
             self.seek(self.epoch + 1, 0)
-        batch = collate([self.examples[i] for i in self.batches[self.index]], self.pad_id)
+        indices, real = distributed.shard(self.batches[self.index], self.world)
         self.index += 1
-        return batch
+        return collate([self.examples[i] for i in indices], self.pad_id), real
 
     @property
     def fractional_epoch(self) -> float:
@@ -78,12 +81,24 @@ def autocast(device: torch.device, precision: str):
 
 
 def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
-    """Run one training job as configured; returns where it wrote and what it logged."""
+    """Run one training job as configured; returns where it wrote and what it logged. Under torchrun every
+    process calls this; rank 0 prints and writes."""
     cfg.validate()
-    out = setup.prepare_output(cfg)
+    world = distributed.world_from_env(cfg.run.distributed)
+    distributed.check_batch(world, cfg.run.batch_size)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not world.is_main else contextlib.nullcontext()
+    device = distributed.start(world, setup.resolve_device(cfg.run.device))
+    try:
+        with quiet:
+            return _train(cfg, world, device, progress if world.is_main else False)
+    finally:
+        distributed.stop(world)
+
+
+def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
+    out = setup.prepare_output(cfg, create=world.is_main)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    device = setup.resolve_device(cfg.run.device)
     task = resolve_task(cfg.model.name, cfg.model.task)
     tables = setup.read_tables(cfg)
     labels = setup.label_set(cfg, tables[0]) if task == "classification" else []
@@ -96,12 +111,16 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
         model.enable_input_require_grads()
     model.to(device).train()
     cfg.data.labels = labels or None
-    write_text(out / "config.yaml", cfg.to_yaml())
+    if world.is_main:
+        write_text(out / "config.yaml", cfg.to_yaml())
     print(f"Config: {json.dumps(cfg.to_dict())}")
     for config in getattr(model, "peftlab_adapters", {}).values():
         print(f"Using {config.method.upper()}: {config}")
     print(trainable_line(model))
-    return _fit(cfg, model, tokenizer, data, device, out, task, progress)
+    if world.distributed:
+        print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
+              f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
+    return _fit(cfg, model, tokenizer, data, device, out, task, progress, world)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
@@ -113,30 +132,32 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     return trainable, optimizer, scheduler
 
 
-def _fit(cfg, model, tokenizer, data, device, out, task, progress) -> RunResult:
+def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World) -> RunResult:
     r = cfg.run
-    stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id)
+    stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id, world)
     steps_per_epoch = max(1, math.ceil(len(stream) / r.grad_accum))
     total = r.max_steps or max(1, math.ceil(r.epochs * steps_per_epoch))
-    trainable, optimizer, scheduler = _optimizer(cfg, model, total)
     val_batches = [collate([data.validation[i] for i in b], tokenizer.pad_token_id)
                    for b in batch_order([len(e["input_ids"]) for e in data.validation], r.batch_size, 0, False)]
     result = RunResult(out, total)
+    state = _resume_weights(out, r.resume, model, world) if r.resume else None
+    wrapped = distributed.wrap(model, _loss_function(cfg, model, task, world), world, device)
+    trainable, optimizer, scheduler = _optimizer(cfg, model, total)
     step = 0
-    if r.resume:
-        step = _resume(out, r.resume, model, optimizer, scheduler, stream, device)
-    elif r.eval_before:
-        result.eval_before = score(model, val_batches, device)
-    log = MetricsLog(out / "metrics.jsonl", append=bool(r.resume))
+    if state is not None:
+        step = _resume_state(state, model, optimizer, scheduler, stream, world)
+    else:
+        if world.distributed:  # same init everywhere (above); different dropout draws per process from here
+            torch.manual_seed(r.seed + world.rank)
+        if r.eval_before:
+            result.eval_before = score(model, val_batches, device)
+    log = MetricsLog(out / "metrics.jsonl", append=bool(r.resume)) if world.is_main else None
     bar = ProgressReporter(total, start=step, enabled=progress)
-    seq2seq = task == "seq2seq"
-    compute_loss = lm_loss if r.chunked_loss and task != "classification" and supports_chunked_loss(model) \
-        else (lambda m, b: m(**b).loss)
     window = LogWindow()
     try:
         while step < total:
             t0 = time.perf_counter()
-            loss, tokens = _accumulate(cfg, model, stream, device, seq2seq, step, compute_loss)
+            loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, step, task)
             is_log_step = (step + 1) % r.logging_steps == 0 or step + 1 == total
             norms = module_grad_norms(model) if is_log_step else None
             grad_norm, learning_rate = _optimizer_step(cfg, trainable, optimizer, scheduler)
@@ -144,29 +165,51 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress) -> RunResult:
             window.add(loss, tokens, time.perf_counter() - t0)
             bar.advance()
             if is_log_step:
-                record = _log_record(window, grad_norm, learning_rate, stream.fractional_epoch, step, norms, device)
+                record = _log_record(window, grad_norm, learning_rate, stream.fractional_epoch, step, norms,
+                                     device, world)
                 bar.print(log_line(record["loss"], grad_norm, learning_rate, record["epoch"]))
-                log.write(record)
+                _write(log, record)
                 result.logs.append(record)
                 window = LogWindow()
             if r.eval_steps and step % r.eval_steps == 0 and step < total:
                 metrics = {"step": step, **score(model, val_batches, device)}
                 bar.print(str(metrics))
-                log.write(metrics)
+                _write(log, metrics)
             if r.save_steps and step % r.save_steps == 0:
-                state = {"step": step, "epoch": stream.epoch, "index": stream.index,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                save_checkpoint(out, step, model, setup.save_trained, state, r.save_total_limit)
+                _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world)
     finally:
         bar.close()
     result.eval_after = score(model, val_batches, device)
-    log.write({"step": step, "final": True, **result.eval_after})
-    log.close()
-    setup.save_trained(model, out, tokenizer)
-    write_text(out / "results.json", json.dumps({"steps": step, "eval_before": result.eval_before,
-                                                 "eval_after": result.eval_after}, indent=2))
+    _write(log, {"step": step, "final": True, **result.eval_after})
+    with distributed.full_weights(model, world):
+        if world.is_main:
+            log.close()
+            setup.save_trained(model, out, tokenizer)
+            write_text(out / "results.json", json.dumps({"steps": step, "eval_before": result.eval_before,
+                                                         "eval_after": result.eval_after}, indent=2))
     return result
 
+
+def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:
+    if log is not None:
+        log.write(record)
+
+
+def _loss_function(cfg: TrainConfig, model, task: str, world: World):
+    chunked = (cfg.run.chunked_loss and task != "classification" and supports_chunked_loss(model)
+               and world.strategy != "fsdp")  # the chunked loss reads lm_head's weight outside FSDP's forward
+    return lm_loss if chunked else (lambda m, b: m(**b).loss)
+
+
+def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World) -> None:
+    rng_by_rank = distributed.all_gather_object(rng_state(), world)
+    optimizer_state = distributed.optimizer_state(model, optimizer, world)
+    with distributed.full_weights(model, world):
+        if world.is_main:
+            state = {"step": step, "epoch": stream.epoch, "index": stream.index, "world_size": world.size,
+                     "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng_by_rank": rng_by_rank}
+            save_checkpoint(out, step, model, setup.save_trained, state, cfg.run.save_total_limit)
+    distributed.barrier(world)
 
 @dataclass
 class LogWindow:
@@ -184,7 +227,8 @@ class LogWindow:
 
 def _optimizer_step(cfg, trainable, optimizer, scheduler) -> tuple[float, float]:
     """Clip, step, advance the schedule; returns the pre-clip grad norm and the rate this step used."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm or math.inf))
+    grad_norm = float(distributed.local_tensor(
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm or math.inf)))
     learning_rate = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -192,38 +236,64 @@ def _optimizer_step(cfg, trainable, optimizer, scheduler) -> tuple[float, float]
     return grad_norm, learning_rate
 
 
-def _accumulate(cfg, model, stream, device, seq2seq: bool, step: int, compute_loss) -> tuple[float, int]:
-    """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens."""
+def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, task: str) -> tuple[float, int]:
+    """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens (all processes).
+
+    In several processes each loss is scaled by this process's share of the micro-batch's loss units, times
+    the world size, so the gradient average equals the single-process gradient of the whole micro-batch."""
     accum = cfg.run.grad_accum
     total_loss, tokens = 0.0, 0
-    for _ in range(accum):
-        batch = {k: v.to(device) for k, v in stream.next().items()}
-        with autocast(device, cfg.run.precision):
-            loss = compute_loss(model, batch) / accum
-        if not is_finite(loss):
-            raise PeftlabError(f"loss became {loss.item() * accum} at step {step + 1}: lower --lr or check the data; "
-                               "the last saved checkpoint is untouched (resume from it with --resume latest)")
-        loss.backward()
+    for i in range(accum):
+        batch, real = stream.next()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        weight = 1.0
+        if world.distributed:
+            units = distributed.loss_units(batch, task == "causal") if real else 0
+            weight = units * world.size / max(distributed.all_reduce([units], world)[0], 1)
+        with distributed.gradient_sync(wrapped, model, world, enabled=i == accum - 1):
+            with autocast(device, cfg.run.precision):
+                loss = wrapped(batch) * (weight / accum)
+            loss.backward()
         total_loss += loss.item()
-        tokens += batch_tokens(batch, seq2seq)
-    return total_loss, tokens
+        tokens += batch_tokens(batch, task == "seq2seq") if real else 0
+    total_loss, tokens = distributed.all_reduce([total_loss / world.size, tokens], world)
+    if not is_finite(total_loss):
+        raise PeftlabError(f"loss became {total_loss} at step {step + 1}: lower --lr or check the data; "
+                           "the last saved checkpoint is untouched (resume from it with --resume latest)")
+    return total_loss, int(tokens)
 
 
-def _log_record(window: LogWindow, grad_norm, learning_rate, epoch, step, norms, device) -> dict[str, Any]:
-    return {"step": step, "loss": window.loss / window.steps, "grad_norm": grad_norm,
-            "learning_rate": learning_rate, "epoch": epoch,
-            "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
-            "step_time_s": window.seconds / window.steps,
-            "peak_memory_mb": peak_memory_bytes(device) / 2**20, "grad_norms": norms}
+def _log_record(window: LogWindow, grad_norm, learning_rate, epoch, step, norms, device,
+                world: World) -> dict[str, Any]:
+    peak_mb = peak_memory_bytes(device) / 2**20
+    peak_max, peak_sum = distributed.all_reduce([peak_mb], world, "max")[0], distributed.all_reduce([peak_mb], world)[0]
+    record = {"step": step, "loss": window.loss / window.steps, "grad_norm": grad_norm,
+              "learning_rate": learning_rate, "epoch": epoch,
+              "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
+              "step_time_s": window.seconds / window.steps,
+              "peak_memory_mb": peak_max, "grad_norms": norms}
+    if world.distributed:
+        record["peak_memory_mb_all_processes"] = peak_sum
+    return record
 
 
-def _resume(out: Path, resume: str, model, optimizer, scheduler, stream: MicroBatches, device) -> int:
+def _resume_weights(out: Path, resume: str, model, world: World) -> dict[str, Any]:
+    """Trained weights back into the model before it is wrapped; returns the trainer state for the rest."""
     checkpoint = find_checkpoint(out, resume)
     state = load_trainer_state(checkpoint)
+    saved_world = state.get("world_size", 1)
+    if saved_world != world.size:
+        raise PeftlabError(f"{checkpoint} was saved by {saved_world} process(es), this run has {world.size}: "
+                           f"resume with --nproc {saved_world} (the data order depends on the world size)")
     setup.load_trained(model, checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
+    print(f"Resumed from {checkpoint} at step {state['step']}")
+    return state
+
+
+def _resume_state(state: dict[str, Any], model, optimizer, scheduler, stream: MicroBatches, world: World) -> int:
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"], world)
     scheduler.load_state_dict(state["scheduler"])
     stream.seek(state["epoch"], state["index"])
-    set_rng_state(state["rng"])
-    print(f"Resumed from {checkpoint} at step {state['step']}")
+    rngs = state.get("rng_by_rank") or [state["rng"]]
+    set_rng_state(rngs[world.rank])
     return state["step"]

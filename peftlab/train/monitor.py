@@ -26,7 +26,8 @@ def module_grad_norms(model: nn.Module) -> dict[str, float]:
     for name, p in model.named_parameters():
         if p.grad is not None:
             key = re.sub(r"\.(lora_\w+)\.[^.]+\.weight$", r".\1", name)
-            norms[key] = float(p.grad.detach().float().norm())
+            norm = p.grad.detach().float().norm()
+            norms[key] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP shards
     return norms
 
 

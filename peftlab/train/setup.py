@@ -40,13 +40,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_output(cfg: TrainConfig) -> Path:
-    """The run directory; refuses to mix two runs unless --overwrite (clears ours) or --resume."""
+def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
+    """The run directory; refuses to mix two runs unless --overwrite (clears ours) or --resume.
+    With create=False (processes other than rank 0) it only checks."""
     out = Path(cfg.run.output)
     holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
     if holds_run and not (cfg.run.overwrite or cfg.run.resume):
         raise PeftlabError(f"{out} already holds a run: pass --overwrite to replace it, --resume to continue it, "
                            "or choose another --output")
+    if not create:
+        return out
     if holds_run and cfg.run.overwrite and not cfg.run.resume:
         for child in out.iterdir():
             if child.name.startswith("checkpoint-"):
