@@ -102,6 +102,31 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from peftlab.study.sweep import sweep
+
+    rows = sweep(args.config, args.grid, args.output, args.set)
+    print(f"{len(rows)} points; summary: {Path(args.output) / 'summary.md'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peftlab.study.report import report
+
+    print(f"report: {report(args.dirs, args.output)}")
+    return 0
+
+
+def cmd_study_seed(args: argparse.Namespace) -> int:
+    from peftlab.study.seed import run_study
+
+    if not set(args.parts) <= set("abc") or not args.parts:
+        raise PeftlabError(f"--parts takes letters from a, b, c (e.g. --parts ac), got {args.parts!r}")
+    run_study(args.output, args.model, args.parts, args.steps, args.batch_size, args.memory_batch_size,
+              args.memory_steps, args.source_len, args.target_len)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from peftlab.demo import run_demo
 
@@ -241,6 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, metavar="OUT", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("sweep", help="a grid of training runs, resumable, with summary.csv and summary.md")
+    p.add_argument("--config", help="the base YAML config")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values (repeatable): r=4,8,16,32  alpha=2r  method=full,lora")
+    p.add_argument("--output", required=True, help="sweep directory: one run directory per point")
+    p.add_argument("set", nargs="*", metavar="key=value", help="fixed config keys for every point")
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("report", help="plots and a Markdown + HTML report of runs and sweeps")
+    p.add_argument("dirs", nargs="+", help="run or sweep directories")
+    p.add_argument("-o", "--output", default="report", help="where the PNGs, report.md and report.html go")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("study", help="ready-made studies")
+    study_sub = p.add_subparsers(dest="study", required=True)
+    s = study_sub.add_parser("seed", help="the seed study: (a) trainable params per rank, (b) alpha and grad "
+                             "norms, (c) memory of full fine-tuning against LoRA; report beside the seed's figures")
+    s.add_argument("--model", default="random:flan-t5-small", help="e.g. google/flan-t5-small when online")
+    s.add_argument("--output", default="studies/seed")
+    s.add_argument("--parts", default="abc", help="which experiments (default abc)")
+    s.add_argument("--steps", type=int, default=30, help="(b) optimizer steps per alpha")
+    s.add_argument("--batch-size", type=int, default=8, help="(b) batch size")
+    s.add_argument("--memory-batch-size", type=int, default=32, help="(c) batch size")
+    s.add_argument("--memory-steps", type=int, default=3, help="(c) steps per method")
+    s.add_argument("--source-len", type=int, default=128, help="source tokens per example")
+    s.add_argument("--target-len", type=int, default=64, help="target tokens per example")
+    s.set_defaults(run=cmd_study_seed)
 
     p = sub.add_parser("demo", help="offline: LoRA on the pretrained MiniLM, a synthetic task, before/after")
     p.add_argument("--output", default="runs/demo", help="run directory (replaced if it holds an earlier demo)")

@@ -7,23 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.data.synth import generate, write_jsonl
-from peftlab.measure.sizes import trainable_line
-from peftlab.methods import LoraConfig
-from peftlab.methods.inject import apply, remove_adapter
-from peftlab.models import load_model
+from peftlab.study.seed import trainable_lines
 from peftlab.train.config import load_config
 from peftlab.train.loop import train
 
 
-def rank_table(model_name: str = "random:flan-t5-small", ranks: tuple[int, ...] = (4, 8, 16, 32)) -> list[str]:
-    """The seed's trainable-parameter lines: LoRA on q and v with alpha = 2r, one adapter at a time."""
-    model, _ = load_model(model_name)
-    lines = []
-    for r in ranks:
-        apply(model, LoraConfig(r=r, alpha=2 * r, targets=["q", "v"]), adapter=f"r{r}")
-        lines.append(f"r={r:<3} alpha={2 * r:<3} {trainable_line(model)}")
-        remove_adapter(model, f"r{r}")
-    return lines
+def rank_table(model_name: str = "random:flan-t5-small") -> list[str]:
+    """The seed's trainable-parameter lines (LoRA on q,v, alpha = 2r), each with its rank."""
+    return [f"r={r:<3} alpha={2 * r:<3} {line}" for r, line in trainable_lines(model_name).items()]
 
 
 def run_demo(output: str | Path = "runs/demo", steps: int = 150) -> dict:

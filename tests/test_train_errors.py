@@ -43,7 +43,8 @@ def test_validation_label_outside_training_labels(tmp_path):
 
 def test_truncation_is_warned_with_counts(tmp_path, capsys):
     run(tmp_path, "trunc", {**T5, "data.max_source_length": 8})
-    assert "warning: 43 of 43 training examples were truncated to max_source_length=8" in capsys.readouterr().out
+    assert "warning: 43 texts (sources or targets) of 43 training examples were cut to max_source_length=8" \
+        in capsys.readouterr().out
 
 
 def test_misspelt_key_suggests_the_closest(tmp_path):

@@ -55,3 +55,16 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def summary_rows(n: int, source_words: int, target_words: int, seed: int) -> list[dict[str, str]]:
+    """Dialogue-like rows of at least the given lengths (truncation then gives exact token counts): the
+    summary is the dialogue's subject words in order, so there is something to learn."""
+    rng = random.Random(seed)
+    words = [w.split()[-1] for w in SUBJECTS] + POSITIVE + NEGATIVE
+    rows = []
+    for _ in range(n):
+        dialogue = [rng.choice(words) for _ in range(source_words)]
+        rows.append({"dialogue": "summarize: " + " ".join(dialogue),
+                     "summary": " ".join((dialogue * (1 + target_words // max(source_words, 1)))[:target_words])})
+    return rows

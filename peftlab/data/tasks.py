@@ -29,7 +29,7 @@ class Formatter:
     max_source_length: int = 128
     max_target_length: int = 64
     labels: list[str] = field(default_factory=list)
-    truncated: int = 0  # examples cut to fit the maximum lengths
+    truncated: int = 0  # texts (sources, targets) cut to fit the maximum lengths
 
     def source(self, row: dict) -> str:
         return self.template.format(**row) if self.template else str(row[self.input_column])

@@ -132,7 +132,7 @@ def _section_classes() -> dict[str, type]:
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5) if "." in key else []
     if not close:  # a bare field name: match it against the last component
         by_field = {k.split(".")[-1]: k for k in all_keys()}
         close = [by_field[c] for c in difflib.get_close_matches(key.split(".")[-1], list(by_field), n=1)]
@@ -161,22 +161,29 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return value  # an int is a valid float (alpha=16 stays 16, as peft writes it)
     if list in origins and isinstance(value, str):
         return [v.strip() for v in value.split(",")]
+    if float in origins and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 5e-4 as a string
+        except ValueError:
+            pass
     expected = getattr(annotation, "__name__", str(annotation))
     raise PeftlabError(f"{key}={value!r} has the wrong type: expected {expected}")
 
 
+def full_key(key: str) -> str:
+    """The dotted key (`optim.lr`) for a dotted key or a unique bare field name (`lr`)."""
+    if key in all_keys():
+        return key
+    owners = [k for k in all_keys() if k.split(".")[-1] == key]
+    if "." in key or len(owners) != 1:
+        raise PeftlabError(f"unknown config key {key!r}{_suggest(key)}")
+    return owners[0]
+
+
 def set_key(config: TrainConfig, key: str, value: Any) -> None:
     """Set a dotted key (`optim.lr`) or a unique bare field name (`lr`)."""
-    section_name, _, name = key.partition(".")
-    if not name:  # bare name
-        owners = [k for k in all_keys() if k.split(".")[-1] == key]
-        if len(owners) != 1:
-            raise PeftlabError(f"unknown config key {key!r}{_suggest(key)}")
-        section_name, name = owners[0].split(".")
-    sections = _section_classes()
-    if section_name not in sections or name not in {f.name for f in dataclasses.fields(sections[section_name])}:
-        raise PeftlabError(f"unknown config key {key!r}{_suggest(key)}")
-    annotation = typing.get_type_hints(sections[section_name])[name]
+    section_name, name = full_key(key).split(".")
+    annotation = typing.get_type_hints(_section_classes()[section_name])[name]
     setattr(getattr(config, section_name), name, _coerce(key, value, annotation))
 
 

@@ -19,7 +19,7 @@ from peftlab.errors import PeftlabError
 from peftlab.eval.scoring import score
 from peftlab.io import write_text
 from peftlab.measure.memory import peak_memory_bytes
-from peftlab.measure.sizes import trainable_line
+from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.models import load_model, resolve_task
 from peftlab.train import distributed, setup
 from peftlab.train.config import TrainConfig
@@ -96,6 +96,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
 
 
 def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
+    baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
     out = setup.prepare_output(cfg, create=world.is_main)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
@@ -120,7 +121,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
-    return _fit(cfg, model, tokenizer, data, device, out, task, progress, world)
+    return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
@@ -132,7 +133,7 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     return trainable, optimizer, scheduler
 
 
-def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World) -> RunResult:
+def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World, baseline_mb: float) -> RunResult:
     r = cfg.run
     stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id, world)
     steps_per_epoch = max(1, math.ceil(len(stream) / r.grad_accum))
@@ -185,8 +186,11 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World)
         if world.is_main:
             log.close()
             setup.save_trained(model, out, tokenizer)
-            write_text(out / "results.json", json.dumps({"steps": step, "eval_before": result.eval_before,
-                                                         "eval_after": result.eval_after}, indent=2))
+            trainable, total = count_parameters(model)
+            write_text(out / "results.json", json.dumps({
+                "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
+                "trainable_params": trainable, "all_params": total, "baseline_memory_mb": baseline_mb,
+                "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None)}, indent=2))
     return result
 
 

@@ -126,7 +126,7 @@ def encode(cfg: TrainConfig, tokenizer, task: str, tables, labels: list[str]) ->
     truncated_train = formatter.truncated
     validation = [formatter(row) for row in tables[1]]
     if truncated_train:
-        print(f"warning: {truncated_train} of {len(train)} training examples were truncated to "
+        print(f"warning: {truncated_train} texts (sources or targets) of {len(train)} training examples were cut to "
               f"max_source_length={d.max_source_length} / max_target_length={d.max_target_length}")
     return EncodedData(train, validation, formatter)
 

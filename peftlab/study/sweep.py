@@ -1,0 +1,154 @@
+"""`peftlab sweep`: a grid of training runs, each in its own directory and process, then one summary.
+
+`--grid r=4,8,16,32 --grid alpha=2r --grid method=full,lora`: a key takes a list of values or a multiple
+of another grid key (`alpha=2r`). Each point runs `peftlab train` in a fresh process (so its peak memory
+is its own); a point whose results.json exists is skipped, so re-running a sweep resumes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.errors import PeftlabError
+from peftlab.io import write_text
+from peftlab.train.config import full_key, load_config
+
+ALIASES = {"method": "method.name", "rank": "method.r"}
+DERIVED = re.compile(r"^(\d*\.?\d*)\s*\*?\s*([A-Za-z_][\w.]*)$")  # 2r, 0.5*r, r
+SUMMARY_COLUMNS = ["point", "method", "r", "alpha", "trainable_params", "trainable_pct", "peak_memory_mb",
+                   "step_time_s", "tokens_per_s", "final_loss", "eval_metric", "eval_value"]
+
+
+def resolve_key(key: str) -> str:
+    """A full dotted config key for a grid key (`r` -> `method.r`); unknown keys name the closest."""
+    return full_key(ALIASES.get(key, key))
+
+
+@dataclass
+class Grid:
+    values: dict[str, list[str]]  # full key -> values
+    derived: dict[str, tuple[float, str]]  # full key -> (factor, full key it multiplies)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination, with derived keys filled in; for full fine-tuning rank and alpha are dropped."""
+        keys = list(self.values)
+        seen, points = set(), []
+        for combo in itertools.product(*(self.values[k] for k in keys)):
+            point: dict[str, Any] = dict(zip(keys, combo, strict=True))
+            for key, (factor, source) in self.derived.items():
+                point[key] = _number(factor * float(point[source]))
+            if point.get("method.name") == "full":
+                point = {k: v for k, v in point.items() if not k.startswith(("method.r", "method.alpha"))}
+            name = point_name(point)
+            if name not in seen:
+                seen.add(name)
+                points.append(point)
+        return points
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def parse_grid(specs: list[str]) -> Grid:
+    if not specs:
+        raise PeftlabError("empty grid: pass at least one --grid KEY=V1,V2 (e.g. --grid r=4,8,16,32)")
+    values, derived = {}, {}
+    raw = []
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        if not sep or not text.strip():
+            raise PeftlabError(f"--grid {spec!r} has no values: write KEY=V1,V2,... (e.g. r=4,8,16,32)")
+        raw.append((resolve_key(key.strip()), [v.strip() for v in text.split(",") if v.strip()]))
+    keys = {k for k, _ in raw}
+    for key, items in raw:
+        match = DERIVED.match(items[0]) if len(items) == 1 else None
+        source = match and ALIASES.get(match.group(2), match.group(2))
+        source = source and next((k for k in keys if k == source or k.split(".")[-1] == source), None)
+        if source and source != key:
+            derived[key] = (float(match.group(1) or 1), source)
+        elif match and match.group(1):
+            raise PeftlabError(f"--grid {key}={items[0]} refers to {match.group(2)!r}, which is not in the grid: "
+                               f"add --grid {match.group(2)}=V1,V2,...")
+        else:
+            values[key] = items
+    return Grid(values, derived)
+
+
+def point_name(point: dict[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1] if k != 'method.name' else 'method'}={v}" for k, v in point.items())
+
+
+def sweep(config: str | None, grids: list[str], output: str | Path, overrides: list[str] = ()) -> list[dict]:
+    """Run every point not yet finished, then write summary.csv and summary.md; returns the summary rows."""
+    grid = parse_grid(grids)
+    base = load_config(config, dict(o.split("=", 1) for o in overrides))  # checks the base config once
+    points = grid.points()
+    for point in points:
+        load_config(config, {**dict(o.split("=", 1) for o in overrides), **point}).validate()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "sweep.json", json.dumps({"config": base.to_dict(), "grid": grids, "points": points}, indent=2))
+    for i, point in enumerate(points, 1):
+        run_dir = out / point_name(point)
+        if (run_dir / "results.json").is_file():
+            print(f"[{i}/{len(points)}] {run_dir.name}: done earlier, skipped")
+            continue
+        print(f"[{i}/{len(points)}] {run_dir.name}", flush=True)
+        command = [sys.executable, "-m", "peftlab", "train", "--output", str(run_dir), "--overwrite",
+                   *(["--config", config] if config else []), *overrides, *(f"{k}={v}" for k, v in point.items())]
+        if subprocess.call(command) != 0:
+            raise PeftlabError(f"point {run_dir.name} failed (its output is above); fix it and re-run the sweep: "
+                               "finished points are skipped")
+    rows = [summary_row(out / point_name(p)) for p in points]
+    write_summary(out, rows)
+    return rows
+
+
+def summary_row(run_dir: Path) -> dict[str, Any]:
+    """One run's figures, read from what it wrote (config.yaml, results.json, metrics.jsonl)."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    logs = [r for r in read_metrics(run_dir) if "loss" in r]
+    metric = next((k for k in ("eval_accuracy", "eval_loss") if k in (results["eval_after"] or {})), None)
+    lora = config["method"]["name"] != "full"
+    return {"point": run_dir.name, "method": config["method"]["name"],
+            "r": config["method"]["r"] if lora else "", "alpha": config["method"]["alpha"] if lora else "",
+            "trainable_params": results["trainable_params"],
+            "trainable_pct": round(100 * results["trainable_params"] / results["all_params"], 4),
+            "peak_memory_mb": round(results["peak_memory_mb"], 1),
+            "step_time_s": round(statistics.median(r["step_time_s"] for r in logs), 4),
+            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in logs), 1),
+            "final_loss": round(logs[-1]["loss"], 4), "eval_metric": metric or "",
+            "eval_value": round(results["eval_after"][metric], 4) if metric else ""}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "summary.csv", buffer.getvalue())
+    write_text(out / "summary.md", markdown_table(rows, SUMMARY_COLUMNS))
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f"{row.get(c, '')}" for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,100 @@
+"""Sweeps, reports and the seed study."""
+
+import json
+
+import pytest
+from matplotlib.image import AxesImage
+from test_train import seq_rows
+
+from peftlab.cli import main
+from peftlab.data.synth import write_jsonl
+from peftlab.errors import PeftlabError
+from peftlab.study import report as report_module
+from peftlab.study.seed import SEED_TRAINABLE_LINES, trainable_lines
+from peftlab.study.sweep import parse_grid, read_metrics, sweep
+
+
+def test_grid_points_derived_keys_and_full_collapsed():
+    grid = parse_grid(["r=4,8", "alpha=2r", "method=lora,full"])
+    names = [",".join(f"{k}={v}" for k, v in p.items()) for p in grid.points()]
+    assert names == ["method.r=4,method.name=lora,method.alpha=8", "method.name=full",
+                     "method.r=8,method.name=lora,method.alpha=16"]
+
+
+@pytest.mark.parametrize("specs, message", [
+    ([], "empty grid"), (["r="], "has no values"), (["alhpa=4,8"], "did you mean 'method.alpha'"),
+    (["alpha=2r"], "refers to 'r', which is not in the grid")])
+def test_bad_grids_get_one_line_errors(specs, message):
+    with pytest.raises(PeftlabError, match=message):
+        parse_grid(specs)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    data = write_jsonl(seq_rows(40), tmp / "data.jsonl")
+    fixed = ["model.name=random:t5-tiny", f"data.train={data}", "data.input_column=dialogue",
+             "data.target_column=summary", "run.max_steps=4", "run.logging_steps=2", "run.batch_size=8"]
+    rows = sweep(None, ["r=2,4", "alpha=2r"], tmp / "sweep", fixed)
+    return tmp / "sweep", rows, fixed
+
+
+def test_summary_rows_match_each_runs_own_metrics(swept):
+    directory, rows, _ = swept
+    assert [r["point"] for r in rows] == ["r=2,alpha=4", "r=4,alpha=8"]
+    for row in rows:
+        run = directory / row["point"]
+        results = json.loads((run / "results.json").read_text())
+        logs = [r for r in read_metrics(run) if "loss" in r]
+        assert row["trainable_params"] == results["trainable_params"]
+        assert row["final_loss"] == round(logs[-1]["loss"], 4)
+        assert row["eval_value"] == round(results["eval_after"]["eval_loss"], 4)
+        assert row["peak_memory_mb"] == round(max(r["peak_memory_mb"] for r in logs), 1)
+    assert rows[1]["trainable_params"] == 2 * rows[0]["trainable_params"]  # LoRA params are linear in r
+    csv_lines = (directory / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("point,method,r,alpha,trainable_params")
+
+
+def test_sweep_resumes_without_rerunning_finished_points(swept, capsys):
+    directory, rows, fixed = swept
+    before = {r["point"]: (directory / r["point"] / "results.json").stat().st_mtime_ns for r in rows}
+    assert sweep(None, ["r=2,4", "alpha=2r"], directory, fixed) == rows
+    after = {r["point"]: (directory / r["point"] / "results.json").stat().st_mtime_ns for r in rows}
+    assert before == after
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2
+
+
+def test_report_files_and_figures(swept, tmp_path):
+    directory, rows, _ = swept
+    runs = report_module.find_runs([directory])
+    assert [r.name for r in runs] == [r["point"] for r in rows]
+    curves = report_module.curves_figure(runs)
+    assert [len(ax.lines) for ax in curves.axes] == [2, 2]
+    heat = report_module.heatmap_figure(runs[0])
+    images = [a for ax in heat.axes for a in ax.get_children() if isinstance(a, AxesImage)]
+    layers, steps, grid = report_module.grad_norm_grid(runs[0], "lora_A")
+    assert len(images) == 2 and images[0].get_array().shape == (len(layers), len(steps)) == grid.shape
+    assert len(layers) == 12 and steps == [2, 4]  # t5-tiny: q, v in 2 encoder + 2x2 decoder attention blocks
+    assert len(report_module.params_figure(rows).axes[0].lines[0].get_xdata()) == 2
+    assert len(report_module.memory_time_figure(rows).axes[0].patches) == 2
+    html = report_module.report([directory], tmp_path / "report")
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["curves.png", "grad_norms_r=2_alpha=4.png", "grad_norms_r=4_alpha=8.png", "memory_time.png",
+                    "params.png"]
+    assert all((tmp_path / "report" / p).stat().st_size > 1000 for p in pngs)
+    assert html.read_text().count("data:image/png;base64,") == len(pngs)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"]({p})" in markdown for p in pngs)
+
+
+def test_report_without_runs_is_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_study_seed_part_a_prints_the_seeds_lines_exactly(tmp_path, capsys):
+    assert trainable_lines("random:flan-t5-small") == SEED_TRAINABLE_LINES
+    assert main(["study", "seed", "--parts", "a", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(line in out for line in SEED_TRAINABLE_LINES.values())
+    assert "| True |" in (tmp_path / "report.md").read_text()
