@@ -41,9 +41,9 @@ def make_data(path: Path, n: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    import resource
+    from peftlab.measure.memory import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path) -> dict:

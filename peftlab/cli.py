@@ -13,7 +13,7 @@ from peftlab.errors import PeftlabError
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["lora"], help="PEFT method to apply (default: none, just the base)")
+    g.add_argument("--method", choices=["lora", "full"], help="method to apply (default: none, just the base)")
     g.add_argument("--r", type=int, help="LoRA rank (default 8)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 8; the seed uses 2 * r)")
     g.add_argument("--targets", help="modules to adapt: 'q,v' (names or suffixes), a regex, or 'all-linear'")
@@ -29,9 +29,12 @@ def method_config(args: argparse.Namespace):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from peftlab.measure.inspect import inspect_model
+    from peftlab.measure.inspect import estimate_memory, inspect_model
 
-    config = method_config(args) if args.method else None
+    config = method_config(args) if args.method == "lora" else None
+    if args.estimate_memory:
+        print(estimate_memory(args.model, config, args.task, args.batch_size, args.source_len, args.target_len)[0])
+        return 0
     print(inspect_model(args.model, config, task=args.task))
     return 0
 
@@ -227,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id, local directory, random:<preset> or minilm")
     p.add_argument("--task", choices=["seq2seq", "causal", "classification"], help="model head (default: by model)")
     _add_method_flags(p)
+    g = p.add_argument_group("memory estimate")
+    g.add_argument("--estimate-memory", action="store_true",
+                   help="predict peak training memory (fp32 AdamW) of --method (default full fine-tuning)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--source-len", type=int, default=128, help="source (prompt) tokens per example")
+    g.add_argument("--target-len", type=int, default=64, help="target tokens per example")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("train", help="fine-tune a model (LoRA or full) on a dataset")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from peftlab.errors import PeftlabError
+from peftlab.measure.estimate import MemoryParts, estimate_parts
 from peftlab.measure.sizes import bytes_by_dtype, count_parameters, module_suffix_counts, trainable_line
 from peftlab.methods.inject import apply, linear_module_names
 from peftlab.models import load_model
+from peftlab.train.loss import lm_loss, supports_chunked_loss
 
 
 def inspect_model(name: str, config=None, task: str | None = None) -> str:
@@ -16,6 +26,7 @@ def inspect_model(name: str, config=None, task: str | None = None) -> str:
              f"parameters: {total:,d}   buffers: {buffers:,d}"]
     for dtype, (elements, nbytes) in sorted(bytes_by_dtype(model).items()):
         lines.append(f"  {dtype}: {elements:,d} elements, {nbytes / 1e6:,.1f} MB")
+    lines.append(f"checkpoint on disk: {checkpoint_bytes(name, model) / 1e6:,.1f} MB (safetensors)")
     suffixes = module_suffix_counts(linear_module_names(model))
     lines.append("targetable linear modules (suffix x count): "
                  + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())))
@@ -24,3 +35,53 @@ def inspect_model(name: str, config=None, task: str | None = None) -> str:
         lines.append(f"Using {config.method.upper()}: {config}")
         lines.append(trainable_line(adapted))
     return "\n".join(lines)
+
+
+def checkpoint_bytes(name: str, model: nn.Module) -> int:
+    """The weight files of a local directory, or the size of the model saved as safetensors."""
+    files = [p for p in Path(name).glob("*") if p.suffix in (".safetensors", ".bin")] if Path(name).is_dir() else []
+    if files:
+        return sum(p.stat().st_size for p in files)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, f"{tmp}/model.safetensors")
+        return (Path(tmp) / "model.safetensors").stat().st_size
+
+
+def estimate_memory(name: str, config=None, task: str | None = None, batch_size: int = 8, source_len: int = 128,
+                    target_len: int = 64, overrides: dict | None = None) -> tuple[str, MemoryParts]:
+    """Predicted peak training memory (fp32, AdamW) of full fine-tuning, or of `config`'s method."""
+    for flag, value in (("--batch-size", batch_size), ("--source-len", source_len), ("--target-len", target_len)):
+        if value <= 0:
+            raise PeftlabError(f"{flag} must be positive, got {value}")
+    model, _ = load_model(name, task=task, overrides=overrides)
+    if config is not None:
+        model = apply(model, config)
+    else:
+        model.requires_grad_(True)
+    example = _example(model, source_len, target_len)
+    chunked = supports_chunked_loss(model) and example["labels"].dim() == 2
+    parts = estimate_parts(model, example, batch_size, lm_loss if chunked else (lambda m, b: m(**b).loss),
+                           model.config.vocab_size if chunked else None)
+    what = config.method.upper() if config is not None else "full fine-tuning"
+    return (f"estimated peak training memory, {what}, batch {batch_size}, {source_len} source / {target_len} target "
+            f"tokens (fp32, AdamW):\n  {parts.line()}"), parts
+
+
+def _example(model: nn.Module, source_len: int, target_len: int) -> dict[str, torch.Tensor]:
+    """One example of the given lengths (token ids drawn from the vocabulary, no padding)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(model.config.vocab_size, 259)
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(3, vocab, (1, n), generator=generator)
+
+    if model.config.is_encoder_decoder:
+        return {"input_ids": ids(source_len), "attention_mask": torch.ones(1, source_len, dtype=torch.long),
+                "labels": ids(target_len)}
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return {"input_ids": ids(source_len), "attention_mask": torch.ones(1, source_len, dtype=torch.long),
+                "labels": torch.tensor([0])}
+    input_ids = ids(source_len + target_len)
+    labels = input_ids.clone()
+    labels[:, :source_len] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}

@@ -9,7 +9,15 @@ import torch
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    """This program's peak resident set size so far. On Linux from /proc (VmHWM): getrusage's ru_maxrss
+    survives execve, so a child started by a big parent would report the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

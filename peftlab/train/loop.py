@@ -18,6 +18,7 @@ from peftlab.data.batching import batch_order, batch_tokens, collate
 from peftlab.errors import PeftlabError
 from peftlab.eval.scoring import score
 from peftlab.io import write_text
+from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.models import load_model, resolve_task
@@ -182,6 +183,8 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
         bar.close()
     result.eval_after = score(model, val_batches, device)
     _write(log, {"step": step, "final": True, **result.eval_after})
+    peak_above_baseline = peak_memory_bytes(device) - baseline_mb * 2**20
+    memory = measured_parts(peak_above_baseline, model, optimizer)  # this process's share under FSDP
     with distributed.full_weights(model, world):
         if world.is_main:
             log.close()
@@ -190,7 +193,8 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
             write_text(out / "results.json", json.dumps({
                 "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
                 "trainable_params": trainable, "all_params": total, "baseline_memory_mb": baseline_mb,
-                "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None)}, indent=2))
+                "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None),
+                "memory_mb": memory.as_mb()}, indent=2))
     return result
 
 

@@ -1,0 +1,66 @@
+"""Memory: measured parts sum to the total; the prediction's parts are the model's own sizes; saved
+activations are counted as autograd keeps them."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_model
+from test_train import run
+from torch import nn
+
+import peftlab
+from peftlab.cli import main
+from peftlab.measure.estimate import saved_for_backward, trainable_bytes, weight_bytes
+from peftlab.measure.inspect import checkpoint_bytes, estimate_memory
+from peftlab.methods import LoraConfig
+
+
+def test_saved_activations_counted_once_and_without_weights():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    saved, largest = saved_for_backward(model, {"x": x}, lambda m, b: m(b["x"]).sum())
+    # first Linear keeps x (3x4 fp32); ReLU keeps its output, which the second Linear keeps too (3x8)
+    assert (saved, largest) == (3 * 4 * 4 + 3 * 8 * 4, 3 * 8 * 4)
+
+
+def test_measured_parts_sum_to_total_and_match_the_tensors(tmp_path):
+    result = run(tmp_path, "mem", {"model.name": "random:t5-tiny", "data.input_column": "dialogue",
+                                   "data.target_column": "summary", "run.max_steps": 3})
+    memory = json.loads((result.output / "results.json").read_text())["memory_mb"]
+    parts = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["activations"]
+    assert parts == pytest.approx(memory["total"], abs=0.21)  # each part rounded to 0.1 MB
+    model = peftlab.load_adapter(peftlab.load_model("random:t5-tiny", seed=0)[0], result.output)
+    lora = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    assert memory["gradients"] == round(lora / 2**20, 1)
+    assert memory["optimizer"] == round(2 * lora / 2**20, 1)  # AdamW: two fp32 moments per trainable value
+    assert memory["weights"] == round(weight_bytes(model) / 2**20, 1)
+
+
+def test_estimate_parts_and_scaling():
+    config = LoraConfig(r=8, alpha=16, targets=["q", "v"])
+    _, small = estimate_memory("random:t5-tiny", config, batch_size=4, source_len=32, target_len=16)
+    _, large = estimate_memory("random:t5-tiny", config, batch_size=8, source_len=32, target_len=16)
+    model = peftlab.apply(peftlab.load_model("random:t5-tiny")[0], config)
+    assert small.weights == large.weights == weight_bytes(model)
+    assert small.gradients == trainable_bytes(model) and small.optimizer == 2 * small.gradients
+    assert 1.8 < large.activations / small.activations <= 2.0  # saved activations are linear in the batch
+    _, full = estimate_memory("random:t5-tiny", None, batch_size=4, source_len=32, target_len=16)
+    base = peftlab.load_model("random:t5-tiny")[0].requires_grad_(True)
+    assert full.gradients == trainable_bytes(base) and full.activations > small.activations
+
+
+def test_inspect_estimate_and_checkpoint_size(tmp_path, capsys):
+    assert main(["inspect", "--model", "random:t5-tiny", "--estimate-memory", "--batch-size", "4",
+                 "--method", "lora", "--targets", "q,v"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    values = [float(part.split()[-2].replace(",", "")) for part in line.split("|")]
+    assert values[-1] == pytest.approx(sum(values[:-1]), abs=0.3)
+    assert main(["inspect", "--model", "random:t5-tiny", "--estimate-memory", "--batch-size", "0"]) == 2
+    assert "--batch-size must be positive" in capsys.readouterr().err
+    assert main(["inspect", "--model", "random:no-such", "--estimate-memory"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    model, _ = peftlab.load_model("random:t5-tiny")
+    save_model(model, str(tmp_path / "model.safetensors"))
+    assert checkpoint_bytes(str(tmp_path), model) == (tmp_path / "model.safetensors").stat().st_size
+    assert checkpoint_bytes("random:t5-tiny", model) == (tmp_path / "model.safetensors").stat().st_size
