@@ -52,24 +52,33 @@ def measure(model: str, overrides: dict, targets: list[str], method: str, batch:
     return json.loads((tmp / "run" / "results.json").read_text())["memory_mb"]["total"]
 
 
+def predict(model: str, overrides: dict, targets: list[str] | None, batch: int) -> float:
+    """`estimate_memory` in a fresh process, as `peftlab inspect --estimate-memory` runs it."""
+    target_len = TARGET_TOKENS if "gpt2" not in model else TARGET_TOKENS - 1
+    code = ("import sys, json\n"
+            "from peftlab.measure.inspect import estimate_memory\n"
+            "from peftlab.methods import LoraConfig\n"
+            "model, overrides, targets, batch, s, t = json.loads(sys.argv[1])\n"
+            "config = LoraConfig(r=8, alpha=16, targets=targets, dropout=0.05) if targets else None\n"
+            "print(estimate_memory(model, config, None, batch, s, t, overrides)[1].as_mb()['total'])\n")
+    args = json.dumps([model, overrides, targets, batch, SOURCE_TOKENS, target_len])
+    done = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batches", default="8,32")
     args = parser.parse_args()
-    from peftlab.measure.inspect import estimate_memory
-    from peftlab.methods import LoraConfig
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, (model, overrides, targets) in MODELS.items():
             for method in ("full", "lora"):
                 for batch in map(int, args.batches.split(",")):
-                    config = LoraConfig(r=8, alpha=16, targets=targets, dropout=0.05) if method == "lora" else None
-                    target_len = TARGET_TOKENS if "gpt2" not in model else TARGET_TOKENS - 1
-                    predicted = estimate_memory(model, config, None, batch, SOURCE_TOKENS, target_len, overrides)[1]
+                    predicted = predict(model, overrides, targets if method == "lora" else None, batch)
                     measured = measure(model, overrides, targets, method, batch, args.steps, Path(tmp))
-                    rows.append((label, method, batch, predicted.total / 2**20, measured))
+                    rows.append((label, method, batch, predicted, measured))
                     print(rows[-1], flush=True)
     lines = ["| model | method | batch | predicted MB | measured MB | predicted / measured |",
              "|---|---|---|---|---|---|"]

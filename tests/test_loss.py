@@ -54,3 +54,14 @@ def test_lm_loss_equals_the_models_own_loss_and_gradients(preset, full):
 def test_bart_is_not_claimed():  # BART adds final_logits_bias after lm_head
     model, _ = fresh_base("bart-tiny")
     assert not supports_chunked_loss(model)
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny"])
+def test_scoring_with_the_chunked_loss_equals_the_models_loss(preset):
+    from peftlab.eval.scoring import score
+
+    model, tokenizer = fresh_base(preset)
+    batch = example_batch(model, tokenizer)
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+    assert score(model, [batch], torch.device("cpu"))["eval_loss"] == pytest.approx(expected, rel=1e-5)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from peftlab.train.loss import lm_loss, supports_chunked_loss
+
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
@@ -17,10 +19,13 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: 
     loss_sum, examples, correct, classification = 0.0, 0, 0, False
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
         n = batch["input_ids"].shape[0]
-        loss_sum += float(out.loss) * n
         examples += n
+        if batch["labels"].dim() == 2 and supports_chunked_loss(model):  # no batch x length x vocab logits
+            loss_sum += float(lm_loss(model, batch)) * n
+            continue
+        out = model(**batch)
+        loss_sum += float(out.loss) * n
         if batch["labels"].dim() == 1:
             classification = True
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
