@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,18 +74,17 @@ def train_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from peftlab.train import distributed
     from peftlab.train.config import load_config
     from peftlab.train.loop import train
 
     config = load_config(args.config, train_overrides(args))
     if args.nproc is not None:
-        from peftlab.train import distributed
-
         config.validate()
         distributed.check_batch(distributed.World(size=args.nproc), config.run.batch_size)
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     result = train(config)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
+    if not distributed.world_from_env(config.run.distributed).is_main:  # under torchrun rank 0 reports
         return 0
     print(f"saved to {result.output}  eval before: {result.eval_before}  after: {result.eval_after}")
     return 0

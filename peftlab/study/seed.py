@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from peftlab.data.synth import summary_rows, write_jsonl
@@ -15,7 +16,7 @@ from peftlab.methods import LoraConfig
 from peftlab.methods.inject import apply, remove_adapter
 from peftlab.models import load_model
 from peftlab.study.report import report
-from peftlab.study.sweep import markdown_table, sweep
+from peftlab.study.sweep import markdown_table, read_metrics, sweep
 
 # The seed's own figures (google/flan-t5-small, HF peft + Trainer; memory on an M4 MacBook Pro, MPS).
 SEED_TRAINABLE_LINES = {
@@ -91,8 +92,6 @@ def _part_a(model: str) -> str:
 
 
 def _part_b(sweep_dir: Path, rows) -> str:
-    from peftlab.study.sweep import read_metrics
-
     first = {}
     for row in rows:
         logs = [r for r in read_metrics(sweep_dir / row["point"]) if "grad_norm" in r]
@@ -109,8 +108,6 @@ def _part_b(sweep_dir: Path, rows) -> str:
 
 
 def _part_c(sweep_dir: Path, rows) -> str:
-    import json
-
     table = []
     for row in rows:
         results = json.loads((sweep_dir / row["point"] / "results.json").read_text())

@@ -94,10 +94,11 @@ def point_name(point: dict[str, Any]) -> str:
 def sweep(config: str | None, grids: list[str], output: str | Path, overrides: list[str] = ()) -> list[dict]:
     """Run every point not yet finished, then write summary.csv and summary.md; returns the summary rows."""
     grid = parse_grid(grids)
-    base = load_config(config, dict(o.split("=", 1) for o in overrides))  # checks the base config once
+    fixed = dict(o.split("=", 1) for o in overrides)
+    base = load_config(config, fixed)  # checks the base config once
     points = grid.points()
     for point in points:
-        load_config(config, {**dict(o.split("=", 1) for o in overrides), **point}).validate()
+        load_config(config, {**fixed, **point}).validate()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "sweep.json", json.dumps({"config": base.to_dict(), "grid": grids, "points": points}, indent=2))
