@@ -10,31 +10,43 @@ from pathlib import Path
 from peftlab.errors import PeftlabError
 
 
+def _method_names() -> list[str]:
+    from peftlab.train.config import METHOD_NAMES
+
+    return list(METHOD_NAMES)
+
+
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["lora", "full"], help="method to apply (default: none, just the base)")
-    g.add_argument("--r", type=int, help="LoRA rank (default 8)")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default 8; the seed uses 2 * r)")
-    g.add_argument("--targets", help="modules to adapt: 'q,v' (names or suffixes), a regex, or 'all-linear'")
-    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0.0)")
+    g.add_argument("--method", choices=_method_names(), help="method to apply (default: none, just the base)")
+    g.add_argument("--r", type=int, help="LoRA/DoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, help="LoRA/DoRA alpha (default 8; the seed uses 2 * r)")
+    g.add_argument("--targets", help="modules to adapt: 'q,v' (names or suffixes), a regex, or 'all-linear' "
+                                     "(default: the method's usual modules for the model type)")
+    g.add_argument("--dropout", type=float, help="LoRA/DoRA dropout (default 0.0)")
+    g.add_argument("--feedforward", help="IA3: targets whose input is scaled, e.g. 'wo' (default per model type)")
+    g.add_argument("--bottleneck", type=int, help="Houlsby adapters: inner size m (default 64)")
 
 
-def method_config(args: argparse.Namespace):
-    from peftlab.methods import build_config, parse_targets
+def method_fields(args: argparse.Namespace) -> dict:
+    """The method flags as config fields (unset flags left out, so the method's defaults apply)."""
+    from peftlab.methods import parse_targets
 
-    targets = parse_targets(args.targets) if args.targets else None
     alpha = int(args.alpha) if args.alpha is not None and float(args.alpha).is_integer() else args.alpha
-    return build_config(args.method, r=args.r, alpha=alpha, targets=targets, dropout=args.dropout)
+    return {"r": args.r, "alpha": alpha, "dropout": args.dropout, "bottleneck": args.bottleneck,
+            "targets": parse_targets(args.targets) if args.targets else None,
+            "feedforward": parse_targets(args.feedforward) if args.feedforward else None}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from peftlab.measure.inspect import estimate_memory, inspect_model
 
-    config = method_config(args) if args.method == "lora" else None
+    fields = method_fields(args)
     if args.estimate_memory:
-        print(estimate_memory(args.model, config, args.task, args.batch_size, args.source_len, args.target_len)[0])
+        print(estimate_memory(args.model, args.method, args.task, args.batch_size, args.source_len, args.target_len,
+                              fields=fields)[0])
         return 0
-    print(inspect_model(args.model, config, task=args.task))
+    print(inspect_model(args.model, args.method, task=args.task, fields=fields))
     return 0
 
 
@@ -46,6 +58,7 @@ TRAIN_FLAGS = {
     "--max-source-length": ("data.max_source_length", int), "--max-target-length": ("data.max_target_length", int),
     "--method": ("method.name", str), "--r": ("method.r", int), "--alpha": ("method.alpha", float),
     "--targets": ("method.targets", str), "--dropout": ("method.dropout", float),
+    "--feedforward": ("method.feedforward", str), "--bottleneck": ("method.bottleneck", int),
     "--batch-size": ("run.batch_size", int), "--grad-accum": ("run.grad_accum", int), "--lr": ("optim.lr", float),
     "--warmup-steps": ("optim.warmup_steps", int), "--max-steps": ("run.max_steps", int),
     "--epochs": ("run.epochs", float), "--logging-steps": ("run.logging_steps", int),
@@ -62,7 +75,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, object]:
     for flag, (key, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value is not None:
-            overrides[key] = parse_targets(value) if key == "method.targets" else value
+            overrides[key] = parse_targets(value) if key in ("method.targets", "method.feedforward") else value
     if args.overwrite:
         overrides["run.overwrite"] = True
     for pair in args.set:

@@ -101,7 +101,7 @@ def test_cli_train_flags_yaml_and_key_value(tmp_path, capsys):
                  "--logging-steps", "1", "--output", str(tmp_path / "cli"), "optim.weight_decay=0.01"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "Using LORA: LoraConfig(r=4, alpha=4, targets=['q', 'v']" in out  # flag beats YAML, YAML beats default
+    assert "Using LORA: LoraConfig(r=4, alpha=4, " in out and "targets=['q', 'v']" in out  # flag > YAML > default
     assert out.count("{'loss': ") == 3 and "'grad_norm': " in out and "'epoch': " in out
     saved = load_config(tmp_path / "cli" / "config.yaml")
     assert (saved.method.r, saved.run.batch_size, saved.optim.weight_decay) == (4, 4, 0.01)

@@ -12,14 +12,24 @@ from torch import nn
 from peftlab.errors import PeftlabError
 from peftlab.measure.estimate import MemoryParts, estimate_parts
 from peftlab.measure.sizes import bytes_by_dtype, count_parameters, module_suffix_counts, trainable_line
-from peftlab.methods.inject import apply, linear_module_names
+from peftlab.methods import build_config
+from peftlab.methods.inject import MethodConfig, apply, linear_module_names
 from peftlab.models import load_model
 from peftlab.train.loss import lm_loss, supports_chunked_loss
 
 
-def inspect_model(name: str, config=None, task: str | None = None) -> str:
-    """A plain-text report; with a method config, ends with peft's trainable-parameter line."""
+def _method_config(model: nn.Module, method: MethodConfig | str | None, fields: dict | None) -> MethodConfig | None:
+    """A config as given, or built from a method name and fields with the model's default targets."""
+    if isinstance(method, str):
+        return None if method == "full" else build_config(method, model.config.model_type, **(fields or {}))
+    return method
+
+
+def inspect_model(name: str, method: MethodConfig | str | None = None, task: str | None = None,
+                  fields: dict | None = None) -> str:
+    """A plain-text report; with a method, ends with peft's trainable-parameter line."""
     model, _ = load_model(name, task=task)
+    config = _method_config(model, method, fields)
     _, total = count_parameters(model)
     buffers = sum(b.numel() for b in model.buffers())
     lines = [f"model: {name} ({type(model).__name__})",
@@ -47,13 +57,16 @@ def checkpoint_bytes(name: str, model: nn.Module) -> int:
         return (Path(tmp) / "model.safetensors").stat().st_size
 
 
-def estimate_memory(name: str, config=None, task: str | None = None, batch_size: int = 8, source_len: int = 128,
-                    target_len: int = 64, overrides: dict | None = None) -> tuple[str, MemoryParts]:
-    """Predicted peak training memory (fp32, AdamW) of full fine-tuning, or of `config`'s method."""
+def estimate_memory(name: str, method: MethodConfig | str | None = None, task: str | None = None,
+                    batch_size: int = 8, source_len: int = 128, target_len: int = 64, overrides: dict | None = None,
+                    fields: dict | None = None) -> tuple[str, MemoryParts]:
+    """Predicted peak training memory (fp32, AdamW) of full fine-tuning (method None or "full"), or of a
+    method (a config, or a name and `fields`)."""
     for flag, value in (("--batch-size", batch_size), ("--source-len", source_len), ("--target-len", target_len)):
         if value <= 0:
             raise PeftlabError(f"{flag} must be positive, got {value}")
     model, _ = load_model(name, task=task, overrides=overrides)
+    config = _method_config(model, method, fields)
     if config is not None:
         model = apply(model, config)
     else:

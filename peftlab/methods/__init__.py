@@ -1,10 +1,18 @@
 """PEFT methods: one module each, sharing the injection machinery in `inject`."""
 
+from peftlab.errors import PeftlabError
+from peftlab.methods.bitfit import BitFitConfig
+from peftlab.methods.dora import DoraConfig
+from peftlab.methods.houlsby import HoulsbyConfig
+from peftlab.methods.ia3 import IA3Config
+from peftlab.methods.inject import MethodConfig
+from peftlab.methods.ln_tuning import LNTuningConfig
 from peftlab.methods.lora import LoraConfig, LoraLayer
 
-METHODS = {"lora": LoraConfig}
+METHODS = {c.method: c for c in (LoraConfig, DoraConfig, IA3Config, LNTuningConfig, BitFitConfig, HoulsbyConfig)}
 
-__all__ = ["METHODS", "LoraConfig", "LoraLayer", "build_config", "parse_targets"]
+__all__ = ["METHODS", "BitFitConfig", "DoraConfig", "HoulsbyConfig", "IA3Config", "LNTuningConfig", "LoraConfig",
+           "LoraLayer", "build_config", "parse_targets"]
 
 
 def parse_targets(text: str) -> list[str] | str:
@@ -14,10 +22,13 @@ def parse_targets(text: str) -> list[str] | str:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def build_config(method: str, **fields):
-    """The config of `method` from keyword fields; a one-line error for an unknown method."""
-    from peftlab.errors import PeftlabError
-
+def build_config(method: str, model_type: str | None = None, **fields) -> MethodConfig:
+    """The config of `method` from keyword fields (those the method does not use are ignored; None means the
+    default), with `model_type`'s default targets where none are given. A one-line error for an unknown
+    method."""
     if method not in METHODS:
         raise PeftlabError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
-    return METHODS[method](**{k: v for k, v in fields.items() if v is not None})
+    cls = METHODS[method]
+    if model_type is not None:
+        fields = cls.defaults_for(model_type, fields)
+    return cls(**{k: v for k, v in fields.items() if v is not None and k in cls.field_names()})

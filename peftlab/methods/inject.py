@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,13 +21,98 @@ ADAPTERS_ATTR = "peftlab_adapters"  # {adapter name: config}, set on the model b
 BASE_NAME = "__base__"  # in a mixed batch: the example runs through the base model alone
 LINEAR_TYPES = (nn.Linear, Conv1D)
 CLASSIFIER_HEADS = ("score", "classifier")  # peft's SEQ_CLS_HEAD_NAMES
+NORM_CLASS_HINTS = ("LayerNorm", "RMSNorm")  # nn.LayerNorm, T5LayerNorm, LlamaRMSNorm, ...
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    return any(h in type(module).__name__ for h in NORM_CLASS_HINTS)
+
+
+@dataclass(repr=False)
+class MethodConfig:
+    """What every method's config shares: which modules it touches and what peft records about the base.
+    A method subclasses it with its own fields, `make_layer` and the peft (de)serialisation."""
+
+    targets: list[str] | str | None = None  # list: exact name or ".suffix"; str: regex full match; "all-linear"
+    exclude: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    bias: str = "none"  # "all": every bias of the model trains too
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    method: ClassVar[str]
+    peft_type: ClassVar[str]
+    # model_type -> targets when none are given (peft's TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING)
+    default_targets: ClassVar[dict[str, list[str]]] = {}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+
+    @classmethod
+    def defaults_for(cls, model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """`fields` with this model type's default targets where none are given."""
+        if fields.get("targets") or not cls.default_targets:
+            return fields
+        if model_type not in cls.default_targets:
+            raise PeftlabError(f"no default {cls.method} targets for model type {model_type!r}: pass --targets "
+                               "(see `peftlab inspect --model M`)")
+        return {**fields, "targets": cls.default_targets[model_type]}
+
+    def check_model(self, model: nn.Module) -> None:
+        """A one-line error when the method cannot apply to `model` at all."""
+
+    def make_layer(self, base: nn.Module, module_name: str, adapter: str) -> nn.Module:
+        raise NotImplementedError
+
+    def shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Base-model tensors the method trains in place (e.g. LayerNorms), by module-relative name."""
+        return {}
+
+    def to_peft(self) -> dict[str, Any]:
+        """The adapter_config.json fields (peft's names)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> MethodConfig:
+        raise NotImplementedError
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def __repr__(self) -> str:
+        """The method's own fields first (r, alpha, ... rather than the shared targets, exclude, ...)."""
+        shared = [f.name for f in dataclasses.fields(MethodConfig)]
+        names = [f.name for f in dataclasses.fields(self) if f.name not in shared] + shared
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
 
 class AdapterLayer(nn.Module):
-    """Base of every method's layer: wraps `base_layer` and holds adapters by name."""
+    """Base of every method's layer: wraps `base_layer` and holds adapters by name. A method's layer says
+    which adapters it holds, their tensors under peft's saved names, and how to merge and remove them."""
 
     base_layer: nn.Module
     active_adapters: list[str]
+    merged_adapters: list[str]
+    batch_adapters: list[str] | None
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def remove_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
 
     # Model code reads these off the layer it called (e.g. T5 checks `wo.weight.dtype`).
     @property
@@ -144,9 +231,10 @@ def apply(model: nn.Module, config: Any, adapter: str = "default") -> nn.Module:
     adapters: dict = getattr(model, ADAPTERS_ATTR, None) or {}
     if adapter in adapters:
         raise PeftlabError(f"the model already has an adapter named {adapter!r}: pick another name")
+    config.check_model(model)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
-    for name in find_targets(model, config):
+    for name in find_targets(model, config) if config.targets is not None else []:
         module = model.get_submodule(name)
         new = config.make_layer(module, name, adapter)
         if new is not module:
@@ -183,7 +271,7 @@ def adapter_parameters(module: nn.Module, adapter: str) -> dict[str, nn.Paramete
         if adapter not in module.modules_to_save:
             return {}
         return dict(module.modules_to_save[adapter].named_parameters())
-    if adapter not in module.lora_A:
+    if adapter not in module.adapter_names():
         return {}
     return module.adapter_parameters(adapter)
 
@@ -198,6 +286,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
         if config.bias == "lora_only" and not isinstance(module, ModulesToSave):
             if getattr(module.base_layer, "bias", None) is not None:
                 state[f"base_model.model.{layer_name}.base_layer.bias"] = module.base_layer.bias
+    for n, p in config.shared_parameters(model).items():
+        state[f"base_model.model.{n}"] = p
     if config.bias == "all":
         for n, p in model.named_parameters():
             if n.endswith("bias") and ".original_module." not in n and ".modules_to_save." not in n:
@@ -229,7 +319,7 @@ def set_active(model: nn.Module, adapter: str) -> None:
             module.active_adapter = adapter if adapter in module.modules_to_save else None
         else:
             module.unmerge()
-            module.active_adapters = [adapter] if adapter in module.lora_A else []
+            module.active_adapters = [adapter] if adapter in module.adapter_names() else []
     set_trainable(model, adapter)
 
 
@@ -314,9 +404,9 @@ def remove_adapter(model: nn.Module, adapter: str) -> nn.Module:
             module.active_adapter = remaining[0] if remaining else None
             if not remaining:
                 _set_submodule(model, name, module.original_module)
-        elif adapter in module.lora_A:
+        elif adapter in module.adapter_names():
             module.remove_adapter(adapter)
-            if not len(module.lora_A):
+            if not module.adapter_names():
                 _set_submodule(model, name, module.base_layer)
     del adapters[adapter]
     if adapters:

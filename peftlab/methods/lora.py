@@ -9,39 +9,54 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.inject import AdapterLayer, rows_by_adapter
+from peftlab.methods.inject import AdapterLayer, MethodConfig, rows_by_adapter
+
+# Fields peft 0.21 writes that peftlab leaves at peft's defaults.
+_PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "fan_in_fan_out": False, "inference_mode": True,
+    "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_bias": False,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+    "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "revision": None,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "velora_config": None,
+}
+# peft options peftlab cannot load faithfully: (key, the value that is fine).
+_UNSUPPORTED = {"lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
+                "use_qalora": False, "target_parameters": None}
 
 
-@dataclass
-class LoraConfig:
+@dataclass(repr=False)
+class LoraConfig(MethodConfig):
     """What to adapt and how. Field meanings follow peft's `LoraConfig` (names shortened)."""
 
     r: int = 8
     alpha: float = 8
-    targets: list[str] | str | None = None  # list: exact name or ".suffix"; str: regex full match; "all-linear"
-    exclude: list[str] | str | None = None
     dropout: float = 0.0
     bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
     use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
     init: Literal["kaiming", "gaussian"] = "kaiming"
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    base_model_name_or_path: str | None = None
-    task_type: str | None = None
 
-    method = "lora"
+    method: ClassVar[str] = "lora"
+    peft_type: ClassVar[str] = "LORA"
+    # the attention query and value projections: the seed's (and LoRA paper's) default targets
+    default_targets: ClassVar[dict[str, list[str]]] = {
+        "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
+        "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+        "bert": ["query", "value"], "roberta": ["query", "value"]}
+    use_dora: ClassVar[bool] = False  # DoraConfig (methods/dora.py) sets it
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, r in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
             if not isinstance(r, int) or r <= 0:
                 raise PeftlabError(f"LoRA {name} must be a positive integer, got {r!r}: use e.g. r=8")
@@ -57,8 +72,35 @@ class LoraConfig:
             raise PeftlabError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if not self.targets:
             raise PeftlabError("LoRA needs targets: e.g. targets=['q', 'v'] (see `peftlab inspect --model M`)")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
+
+    def to_peft(self) -> dict[str, Any]:
+        targets = self.targets if isinstance(self.targets, str) else sorted(self.targets)
+        return {**_PEFT_DEFAULTS, "alpha_pattern": dict(self.alpha_pattern),
+                "base_model_name_or_path": self.base_model_name_or_path, "bias": self.bias,
+                "exclude_modules": self.exclude, "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+                "layers_pattern": self.layers_pattern, "layers_to_transform": self.layers_to_transform,
+                "lora_alpha": self.alpha, "lora_dropout": self.dropout, "modules_to_save": self.modules_to_save,
+                "r": self.r, "rank_pattern": dict(self.rank_pattern), "target_modules": targets,
+                "task_type": self.task_type, "use_dora": self.use_dora, "use_rslora": self.use_rslora}
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> LoraConfig:
+        for key, fine in _UNSUPPORTED.items():
+            if raw.get(key, fine) not in (fine, None, False, {}, []):
+                raise PeftlabError(f"{where} uses peft option {key}={raw[key]!r}, which peftlab does not load yet")
+        init = raw.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            raise PeftlabError(f"{where} uses init_lora_weights={init!r} (it changes the base weights); "
+                               "merge it with peft first, or retrain with the default init")
+        targets = raw.get("target_modules")
+        return cls(
+            r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+            targets=targets if isinstance(targets, str) else list(targets or []), exclude=raw.get("exclude_modules"),
+            bias=raw.get("bias", "none"), modules_to_save=raw.get("modules_to_save"),
+            use_rslora=raw.get("use_rslora", False), init="gaussian" if init == "gaussian" else "kaiming",
+            layers_to_transform=raw.get("layers_to_transform"), layers_pattern=raw.get("layers_pattern"),
+            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
+            base_model_name_or_path=raw.get("base_model_name_or_path"), task_type=raw.get("task_type"))
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha for one module, after rank_pattern and alpha_pattern (peft's matching rule)."""
@@ -125,6 +167,7 @@ class LoraLayer(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (methods/dora.py)
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -149,8 +192,9 @@ class LoraLayer(AdapterLayer):
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge()
-        for container in (self.lora_A, self.lora_B, self.lora_dropout):
-            del container[name]
+        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in container:
+                del container[name]
         del self.scaling[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -166,13 +210,19 @@ class LoraLayer(AdapterLayer):
             return DroppedLowRank.apply(x, lora_A.weight, lora_B.weight, dropout.p, self.scaling[name])
         return lora_B(lora_A(dropout(x))) * self.scaling[name]
 
+    def adapter_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base layer's `result` for input `x`."""
+        if name in self.lora_magnitude_vector:
+            return self.lora_magnitude_vector[name].delta(self, name, x.to(self.lora_A[name].weight.dtype), result)
+        return self.lora_delta(x, name)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.batch_adapters is not None:
             return self._mixed_batch_forward(x, result)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self.lora_delta(x, name)
+                result = result + self.adapter_delta(x, name, result)
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -181,25 +231,38 @@ class LoraLayer(AdapterLayer):
             raise RuntimeError("unmerge adapters before running a mixed batch")
         result = result.clone()
         for name, rows in rows_by_adapter(self.batch_adapters, x, self.lora_A):
-            result[rows] += self.lora_delta(x[rows], name).to(result.dtype)
+            result[rows] += self.adapter_delta(x[rows], name, result[rows]).to(result.dtype)
         return result
 
     @torch.no_grad()
     def merge(self) -> None:
         for name in self.active_adapters:
-            if name not in self.merged_adapters:
+            if name in self.merged_adapters:
+                continue
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].merge(self, name)
+            else:
                 self.base_layer.weight.data += self.delta_weight(name).to(self.base_layer.weight.dtype)
-                self.merged_adapters.append(name)
+            self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.base_layer.weight.data -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].unmerge(self, name)
+            else:
+                self.base_layer.weight.data -= self.delta_weight(name).to(self.base_layer.weight.dtype)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of one adapter, under peft's saved names (adapter name left out)."""
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        tensors = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return tensors
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
 
     def extra_repr(self) -> str:
         ranks = {n: a.out_features for n, a in self.lora_A.items()}

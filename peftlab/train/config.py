@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from peftlab.errors import PeftlabError, first_line
+from peftlab.methods import METHODS
 
 
 @dataclass
@@ -38,14 +39,16 @@ class DataSection:
 
 @dataclass
 class MethodSection:
-    name: str = "lora"  # lora | full
-    r: int = 8
-    alpha: float = 16
-    targets: list[str] | str | None = None  # default: the model's attention query and value
-    dropout: float = 0.05
-    bias: str = "none"
-    use_rslora: bool = False
+    name: str = "lora"  # lora | dora | ia3 | ln_tuning | bitfit | houlsby | full
+    r: int = 8  # lora, dora
+    alpha: float = 16  # lora, dora
+    targets: list[str] | str | None = None  # default: per method and model type (lora: attention q and v)
+    dropout: float = 0.05  # lora, dora
+    bias: str = "none"  # lora, dora
+    use_rslora: bool = False  # lora, dora
     modules_to_save: list[str] | None = None  # default for classification: the head
+    feedforward: list[str] | None = None  # ia3: targets whose input is scaled (default per model type)
+    bottleneck: int = 64  # houlsby: the adapter's inner size m
 
 
 @dataclass
@@ -107,7 +110,7 @@ class TrainConfig:
              "optim.scheduler must be linear, cosine or constant"),
             (self.run.precision in ("fp32", "bf16", "fp16"), "run.precision must be fp32, bf16 or fp16"),
             (self.run.distributed in ("ddp", "fsdp"), "run.distributed must be ddp or fsdp"),
-            (self.method.name in ("lora", "full"), "method.name must be lora or full"),
+            (self.method.name in METHOD_NAMES, f"method.name must be one of {', '.join(METHOD_NAMES)}"),
             (self.model.task in (None, "seq2seq", "causal", "classification"),
              "model.task must be seq2seq, causal or classification"),
             (0 < self.data.validation_fraction < 1, "data.validation_fraction must be in (0, 1)"),
@@ -119,6 +122,7 @@ class TrainConfig:
         return self
 
 
+METHOD_NAMES = (*METHODS, "full")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 

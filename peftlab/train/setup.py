@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,6 @@ from peftlab.methods.checkpoint import save_adapter
 from peftlab.methods.inject import CLASSIFIER_HEADS, apply
 from peftlab.train.config import TrainConfig
 
-# The attention query and value projections: the seed's (and LoRA paper's) default targets.
-DEFAULT_TARGETS = {"t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
-                   "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-                   "bert": ["query", "value"], "roberta": ["query", "value"]}
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")  # these mark a run
 RUN_OUTPUTS = (*RUN_FILES, "adapter_model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                "results.json")  # everything a run writes at its root; --overwrite removes exactly these
@@ -61,21 +58,17 @@ def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
 
 
 def apply_method(model: nn.Module, cfg: TrainConfig, task: str) -> nn.Module:
-    """LoRA (or a later method) through the shared injection; `full` trains every weight."""
+    """The configured method through the shared injection; `full` trains every weight."""
     m = cfg.method
     if m.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    targets = m.targets or DEFAULT_TARGETS.get(model.config.model_type)
-    if targets is None:
-        raise PeftlabError(f"no default targets for model type {model.config.model_type!r}: pass --targets "
-                           "(see `peftlab inspect --model M`)")
     modules_to_save = m.modules_to_save
     if modules_to_save is None and task == "classification":
         modules_to_save = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1]
-    config = build_config(m.name, r=m.r, alpha=m.alpha, targets=targets, dropout=m.dropout, bias=m.bias,
-                          use_rslora=m.use_rslora, modules_to_save=modules_to_save)
+    fields = {k: v for k, v in dataclasses.asdict(m).items() if k != "name"}
+    config = build_config(m.name, model.config.model_type, **{**fields, "modules_to_save": modules_to_save})
     return apply(model, config)
 
 
