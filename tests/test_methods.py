@@ -13,8 +13,11 @@ from test_train import TASKS, run
 
 import peftlab
 from peftlab.errors import PeftlabError
+from peftlab.eval.runs import load_run
 from peftlab.methods import BitFitConfig, DoraConfig, HoulsbyConfig, IA3Config, LNTuningConfig, build_config
 from peftlab.methods.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from peftlab.methods.inject import adapter_state_dict
+from peftlab.methods.qlora import quantized_layers
 
 # (preset, peftlab config, the same config in peft)
 PEFT_CASES = {
@@ -204,12 +207,15 @@ def test_bad_method_options_give_one_line_errors(make, message):
 
 
 @pytest.mark.parametrize("method,preset", [("dora", "t5-tiny"), ("ia3", "gpt2-tiny"), ("ln_tuning", "bart-tiny"),
-                                           ("houlsby", "t5-tiny"), ("bitfit", "gpt2-tiny")])
+                                           ("houlsby", "t5-tiny"), ("bitfit", "gpt2-tiny"), ("qlora", "llama-tiny")])
 def test_training_with_each_method_lowers_the_loss(tmp_path, method, preset):
     result = run(tmp_path, method, {"model.name": f"random:{preset}", "method.name": method, "run.max_steps": 30,
                                     "method.bottleneck": 16, **TASKS[preset]})
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
     assert result.logs[-1]["loss"] < result.logs[0]["loss"]
-    base, _ = peftlab.load_model(f"random:{preset}", seed=0)
-    loaded = peftlab.load_adapter(base, result.output)
-    assert loaded.peftlab_adapters["default"].method == method
+    opened = load_run(result.output)  # as `peftlab eval -p` opens it: the method's own layers, trained values
+    assert opened.model.peftlab_adapters["default"].method == method
+    assert bool(quantized_layers(opened.model)) == (method == "qlora")
+    trained = load_file(result.output / WEIGHTS_NAME)
+    state = adapter_state_dict(opened.model)
+    assert set(state) == set(trained) and all(torch.equal(state[k], trained[k]) for k in trained)

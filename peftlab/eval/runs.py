@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.methods import LoraConfig, QLoraConfig
 from peftlab.methods.checkpoint import CONFIG_NAME, load_adapter, read_adapter_config
 from peftlab.models import load_model, resolve_task
 from peftlab.train.config import TrainConfig, load_config
@@ -46,7 +48,9 @@ def load_run(path: str | Path, model_name: str | None = None, adapter: str = "de
         task = _task(config, base, TASK_TYPES.get(adapter_config.task_type or ""))
         model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config),
                                       overrides=config.model.overrides if config else None)
-        load_adapter(model, path, adapter)
+        if config and config.method.name == "qlora" and isinstance(adapter_config, LoraConfig):
+            adapter_config = QLoraConfig(**dataclasses.asdict(adapter_config))  # the NF4 base it trained on
+        load_adapter(model, path, adapter, adapter_config)
     elif (path / "model.safetensors").is_file() and config is not None:
         from safetensors.torch import load_model as load_weights
 

@@ -13,7 +13,8 @@ from peftlab.errors import PeftlabError
 from peftlab.measure.estimate import MemoryParts, estimate_parts
 from peftlab.measure.sizes import bytes_by_dtype, count_parameters, module_suffix_counts, trainable_line
 from peftlab.methods import build_config
-from peftlab.methods.inject import MethodConfig, apply, linear_module_names
+from peftlab.methods.inject import LINEAR_TYPES, MethodConfig, apply, linear_module_names
+from peftlab.methods.qlora import quantization_report, quantized_layers
 from peftlab.models import load_model
 from peftlab.train.loss import lm_loss, supports_chunked_loss
 
@@ -41,8 +42,11 @@ def inspect_model(name: str, method: MethodConfig | str | None = None, task: str
     lines.append("targetable linear modules (suffix x count): "
                  + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())))
     if config is not None:
+        originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
         adapted = apply(model, config)
         lines.append(f"Using {config.method.upper()}: {config}")
+        if quantized_layers(adapted):
+            lines.append(quantization_report(adapted, originals))
         lines.append(trainable_line(adapted))
     return "\n".join(lines)
 

@@ -8,11 +8,13 @@ from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.inject import MethodConfig
 from peftlab.methods.ln_tuning import LNTuningConfig
 from peftlab.methods.lora import LoraConfig, LoraLayer
+from peftlab.methods.qlora import QLoraConfig
 
-METHODS = {c.method: c for c in (LoraConfig, DoraConfig, IA3Config, LNTuningConfig, BitFitConfig, HoulsbyConfig)}
+METHODS = {c.method: c for c in (LoraConfig, DoraConfig, IA3Config, LNTuningConfig, BitFitConfig, HoulsbyConfig,
+                                QLoraConfig)}
 
 __all__ = ["METHODS", "BitFitConfig", "DoraConfig", "HoulsbyConfig", "IA3Config", "LNTuningConfig", "LoraConfig",
-           "LoraLayer", "build_config", "parse_targets"]
+           "LoraLayer", "QLoraConfig", "build_config", "parse_targets"]
 
 
 def parse_targets(text: str) -> list[str] | str:

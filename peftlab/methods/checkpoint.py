@@ -46,7 +46,9 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
     peft_type = raw.get("peft_type", "LORA")
     if peft_type == "LORA" and raw.get("use_dora"):
         return METHODS["dora"].from_peft(raw, where)
-    by_type = {cls.peft_type: cls for name, cls in METHODS.items() if name != "dora"}
+    by_type: dict[str, type[MethodConfig]] = {}
+    for cls in METHODS.values():  # the first method of a peft type (lora, not its variants dora and qlora)
+        by_type.setdefault(cls.peft_type, cls)
     if peft_type not in by_type:
         raise PeftlabError(f"{where} holds a {peft_type} adapter; peftlab loads {sorted(by_type)}")
     return by_type[peft_type].from_peft(raw, where)
@@ -94,9 +96,11 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
     raise PeftlabError(f"no {WEIGHTS_NAME} in {directory}: the adapter weights are missing")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> nn.Module:
-    """Inject and fill an adapter saved by peftlab or peft. On any error the model is left as it was."""
-    config = read_adapter_config(directory)
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+                 config: MethodConfig | None = None) -> nn.Module:
+    """Inject and fill an adapter saved by peftlab or peft. On any error the model is left as it was.
+    `config` replaces the file's (e.g. a QLoRA config, to load a LoRA adapter onto an NF4 base)."""
+    config = config or read_adapter_config(directory)
     state = read_adapter_weights(directory)
     apply(model, config, adapter)
     try:

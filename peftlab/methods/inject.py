@@ -61,11 +61,15 @@ class MethodConfig:
                                "(see `peftlab inspect --model M`)")
         return {**fields, "targets": cls.default_targets[model_type]}
 
-    def check_model(self, model: nn.Module) -> None:
-        """A one-line error when the method cannot apply to `model` at all."""
+    def prepare(self, model: nn.Module) -> None:
+        """Before injection: a one-line error when the method cannot apply to `model` at all, and any change
+        the method makes to the base (QLoRA quantizes it)."""
 
     def make_layer(self, base: nn.Module, module_name: str, adapter: str) -> nn.Module:
         raise NotImplementedError
+
+    def unload(self, model: nn.Module) -> None:
+        """After `merge_and_unload` removed the adapter layers: undo what `prepare` did to the base."""
 
     def shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Base-model tensors the method trains in place (e.g. LayerNorms), by module-relative name."""
@@ -220,7 +224,7 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -231,19 +235,19 @@ def apply(model: nn.Module, config: Any, adapter: str = "default") -> nn.Module:
     adapters: dict = getattr(model, ADAPTERS_ATTR, None) or {}
     if adapter in adapters:
         raise PeftlabError(f"the model already has an adapter named {adapter!r}: pick another name")
-    config.check_model(model)
+    config.prepare(model)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
     for name in find_targets(model, config) if config.targets is not None else []:
         module = model.get_submodule(name)
         new = config.make_layer(module, name, adapter)
         if new is not module:
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
     for name in _modules_to_save_names(model, config):
         module = model.get_submodule(name)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter)
-        _set_submodule(model, name, wrapper)
+        set_submodule(model, name, wrapper)
     adapters[adapter] = config
     model.peftlab_adapters = adapters
     set_trainable(model, adapter)
@@ -384,7 +388,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             plain = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
         else:
             plain = module.base_layer
-        _set_submodule(model, name, plain)
+        set_submodule(model, name, plain)
+    for config in getattr(model, ADAPTERS_ATTR, {}).values():
+        config.unload(model)
     model.__dict__.pop(ADAPTERS_ATTR, None)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -403,11 +409,11 @@ def remove_adapter(model: nn.Module, adapter: str) -> nn.Module:
             remaining = list(module.modules_to_save)
             module.active_adapter = remaining[0] if remaining else None
             if not remaining:
-                _set_submodule(model, name, module.original_module)
+                set_submodule(model, name, module.original_module)
         elif adapter in module.adapter_names():
             module.remove_adapter(adapter)
             if not module.adapter_names():
-                _set_submodule(model, name, module.base_layer)
+                set_submodule(model, name, module.base_layer)
     del adapters[adapter]
     if adapters:
         set_active(model, next(iter(adapters)))

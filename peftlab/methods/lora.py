@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig, rows_by_adapter
+from peftlab.quant.nf4 import NF4Linear
 
 # Fields peft 0.21 writes that peftlab leaves at peft's defaults.
 _PEFT_DEFAULTS: dict[str, Any] = {
@@ -157,7 +158,7 @@ class LoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear | Conv1D):
+        if not isinstance(base_layer, nn.Linear | Conv1D | NF4Linear):
             raise PeftlabError(f"LoRA applies to nn.Linear and Conv1D, not {type(base_layer).__name__}: "
                                "pick linear modules as targets (see `peftlab inspect`)")
         self.base_layer = base_layer
@@ -236,6 +237,9 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if isinstance(self.base_layer, NF4Linear) and self.active_adapters:
+            self.base_layer = self.base_layer.to_linear()  # merging a QLoRA adapter yields a dequantized layer
+            self.fan_in_fan_out = isinstance(self.base_layer, Conv1D)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue

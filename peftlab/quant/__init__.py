@@ -1,0 +1,1 @@
+"""Low-bit storage of frozen weights (NF4 for QLoRA)."""
