@@ -26,6 +26,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help="LoRA/DoRA dropout (default 0.0)")
     g.add_argument("--feedforward", help="IA3: targets whose input is scaled, e.g. 'wo' (default per model type)")
     g.add_argument("--bottleneck", type=int, help="Houlsby adapters: inner size m (default 64)")
+    g.add_argument("--num-virtual-tokens", type=int, help="prompt tuning: soft prompt length (default 20)")
 
 
 def method_fields(args: argparse.Namespace) -> dict:
@@ -34,6 +35,7 @@ def method_fields(args: argparse.Namespace) -> dict:
 
     alpha = int(args.alpha) if args.alpha is not None and float(args.alpha).is_integer() else args.alpha
     return {"r": args.r, "alpha": alpha, "dropout": args.dropout, "bottleneck": args.bottleneck,
+            "num_virtual_tokens": args.num_virtual_tokens,
             "targets": parse_targets(args.targets) if args.targets else None,
             "feedforward": parse_targets(args.feedforward) if args.feedforward else None}
 
@@ -59,6 +61,7 @@ TRAIN_FLAGS = {
     "--method": ("method.name", str), "--r": ("method.r", int), "--alpha": ("method.alpha", float),
     "--targets": ("method.targets", str), "--dropout": ("method.dropout", float),
     "--feedforward": ("method.feedforward", str), "--bottleneck": ("method.bottleneck", int),
+    "--num-virtual-tokens": ("method.num_virtual_tokens", int),
     "--batch-size": ("run.batch_size", int), "--grad-accum": ("run.grad_accum", int), "--lr": ("optim.lr", float),
     "--warmup-steps": ("optim.warmup_steps", int), "--max-steps": ("run.max_steps", int),
     "--epochs": ("run.epochs", float), "--logging-steps": ("run.logging_steps", int),

@@ -8,13 +8,14 @@ from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.inject import MethodConfig
 from peftlab.methods.ln_tuning import LNTuningConfig
 from peftlab.methods.lora import LoraConfig, LoraLayer
+from peftlab.methods.prompt_tuning import PromptTuningConfig
 from peftlab.methods.qlora import QLoraConfig
 
 METHODS = {c.method: c for c in (LoraConfig, DoraConfig, IA3Config, LNTuningConfig, BitFitConfig, HoulsbyConfig,
-                                QLoraConfig)}
+                                QLoraConfig, PromptTuningConfig)}
 
 __all__ = ["METHODS", "BitFitConfig", "DoraConfig", "HoulsbyConfig", "IA3Config", "LNTuningConfig", "LoraConfig",
-           "LoraLayer", "QLoraConfig", "build_config", "parse_targets"]
+           "LoraLayer", "PromptTuningConfig", "QLoraConfig", "build_config", "parse_targets"]
 
 
 def parse_targets(text: str) -> list[str] | str:

@@ -25,7 +25,7 @@ class BitFitConfig(MethodConfig):
         self.targets = None  # nothing is injected
         self.bias = "all"  # every bias trains, whatever a LoRA-minded config says
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, adapter: str) -> None:
         if not any(n.endswith("bias") for n, _ in model.named_parameters()):
             raise PeftlabError(f"{type(model).__name__} has no bias terms, so BitFit has nothing to train "
                                "(T5 and Llama-style models use none): pick another method, e.g. ln_tuning or lora")

@@ -51,11 +51,11 @@ class HoulsbyConfig(MethodConfig):
         layer.add_adapter(adapter, self.bottleneck, self.activation, self.init_std)
         return layer
 
-    def shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def extra_tensors(self, model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
         if not self.train_layer_norms:
             return {}
         inside = tuple(f"{n}." for n in adapter_layers(model))
-        return {f"{name}.{key}": p for name, module in model.named_modules()
+        return {f"base_model.model.{name}.{key}": p for name, module in model.named_modules()
                 if is_norm_layer(module) and not name.startswith(inside)
                 for key, p in module.named_parameters(recurse=False)}
 

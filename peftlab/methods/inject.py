@@ -61,9 +61,9 @@ class MethodConfig:
                                "(see `peftlab inspect --model M`)")
         return {**fields, "targets": cls.default_targets[model_type]}
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, adapter: str) -> None:
         """Before injection: a one-line error when the method cannot apply to `model` at all, and any change
-        the method makes to the base (QLoRA quantizes it)."""
+        the method makes outside its targets (QLoRA quantizes the base; prompt tuning adds its prompt)."""
 
     def make_layer(self, base: nn.Module, module_name: str, adapter: str) -> nn.Module:
         raise NotImplementedError
@@ -71,8 +71,9 @@ class MethodConfig:
     def unload(self, model: nn.Module) -> None:
         """After `merge_and_unload` removed the adapter layers: undo what `prepare` did to the base."""
 
-    def shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """Base-model tensors the method trains in place (e.g. LayerNorms), by module-relative name."""
+    def extra_tensors(self, model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+        """Trained tensors outside the adapter layers (e.g. base LayerNorms trained in place, a soft prompt),
+        keyed as in the adapter file."""
         return {}
 
     def to_peft(self) -> dict[str, Any]:
@@ -235,7 +236,7 @@ def apply(model: nn.Module, config: Any, adapter: str = "default") -> nn.Module:
     adapters: dict = getattr(model, ADAPTERS_ATTR, None) or {}
     if adapter in adapters:
         raise PeftlabError(f"the model already has an adapter named {adapter!r}: pick another name")
-    config.prepare(model)
+    config.prepare(model, adapter)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
     for name in find_targets(model, config) if config.targets is not None else []:
@@ -290,8 +291,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
         if config.bias == "lora_only" and not isinstance(module, ModulesToSave):
             if getattr(module.base_layer, "bias", None) is not None:
                 state[f"base_model.model.{layer_name}.base_layer.bias"] = module.base_layer.bias
-    for n, p in config.shared_parameters(model).items():
-        state[f"base_model.model.{n}"] = p
+    state.update(config.extra_tensors(model, adapter))
     if config.bias == "all":
         for n, p in model.named_parameters():
             if n.endswith("bias") and ".original_module." not in n and ".modules_to_save." not in n:

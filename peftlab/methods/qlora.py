@@ -24,7 +24,7 @@ class QLoraConfig(LoraConfig):
 
     method: ClassVar[str] = "qlora"
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, adapter: str) -> None:
         """Quantize every linear layer except the output head and the modules trained in full."""
         keep = tuple(self.modules_to_save or ())
         for name in linear_module_names(model):

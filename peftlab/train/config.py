@@ -39,7 +39,7 @@ class DataSection:
 
 @dataclass
 class MethodSection:
-    name: str = "lora"  # lora | dora | ia3 | ln_tuning | bitfit | houlsby | full
+    name: str = "lora"  # lora | dora | qlora | ia3 | ln_tuning | bitfit | houlsby | prompt_tuning | full
     r: int = 8  # lora, dora
     alpha: float = 16  # lora, dora
     targets: list[str] | str | None = None  # default: per method and model type (lora: attention q and v)
@@ -49,6 +49,7 @@ class MethodSection:
     modules_to_save: list[str] | None = None  # default for classification: the head
     feedforward: list[str] | None = None  # ia3: targets whose input is scaled (default per model type)
     bottleneck: int = 64  # houlsby: the adapter's inner size m
+    num_virtual_tokens: int = 20  # prompt_tuning: length of the soft prompt
 
 
 @dataclass
