@@ -27,6 +27,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feedforward", help="IA3: targets whose input is scaled, e.g. 'wo' (default per model type)")
     g.add_argument("--bottleneck", type=int, help="Houlsby adapters: inner size m (default 64)")
     g.add_argument("--num-virtual-tokens", type=int, help="prompt tuning: soft prompt length (default 20)")
+    g.add_argument("--d", type=int, help="said/did: the subspace (intrinsic) dimension (default 1000)")
 
 
 def method_fields(args: argparse.Namespace) -> dict:
@@ -35,7 +36,7 @@ def method_fields(args: argparse.Namespace) -> dict:
 
     alpha = int(args.alpha) if args.alpha is not None and float(args.alpha).is_integer() else args.alpha
     return {"r": args.r, "alpha": alpha, "dropout": args.dropout, "bottleneck": args.bottleneck,
-            "num_virtual_tokens": args.num_virtual_tokens,
+            "num_virtual_tokens": args.num_virtual_tokens, "d": args.d,
             "targets": parse_targets(args.targets) if args.targets else None,
             "feedforward": parse_targets(args.feedforward) if args.feedforward else None}
 
@@ -61,7 +62,7 @@ TRAIN_FLAGS = {
     "--method": ("method.name", str), "--r": ("method.r", int), "--alpha": ("method.alpha", float),
     "--targets": ("method.targets", str), "--dropout": ("method.dropout", float),
     "--feedforward": ("method.feedforward", str), "--bottleneck": ("method.bottleneck", int),
-    "--num-virtual-tokens": ("method.num_virtual_tokens", int),
+    "--num-virtual-tokens": ("method.num_virtual_tokens", int), "--d": ("method.d", int),
     "--batch-size": ("run.batch_size", int), "--grad-accum": ("run.grad_accum", int), "--lr": ("optim.lr", float),
     "--warmup-steps": ("optim.warmup_steps", int), "--max-steps": ("run.max_steps", int),
     "--epochs": ("run.epochs", float), "--logging-steps": ("run.logging_steps", int),
@@ -124,6 +125,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     rows = sweep(args.config, args.grid, args.output, args.set)
     print(f"{len(rows)} points; summary: {Path(args.output) / 'summary.md'}")
+    return 0
+
+
+def cmd_intrinsic_dim(args: argparse.Namespace) -> int:
+    from peftlab.study.intrinsic import intrinsic_dim
+
+    result = intrinsic_dim(args.config, args.output, args.set, args.method, args.target, args.full_metric,
+                           args.d_start, args.d_max)
+    found = f"d{round(100 * args.target)} = {result['d']}" if result["d"] else f"not reached up to d = {args.d_max}"
+    print(f"{result['method'].upper()}: {found} (full fine-tuning {result['full_metric']:.4f}, target "
+          f"{result['threshold']:.4f}); curve: {Path(args.output) / 'curve.png'}")
     return 0
 
 
@@ -297,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="sweep directory: one run directory per point")
     p.add_argument("set", nargs="*", metavar="key=value", help="fixed config keys for every point")
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("intrinsic-dim", help="search the smallest subspace dimension d reaching 90%% of full "
+                                             "fine-tuning (d90): doubling, then bisection")
+    p.add_argument("--config", help="the base YAML config (a classification task)")
+    p.add_argument("--output", required=True, help="search directory: one run per d, curve.csv/png, result.json")
+    p.add_argument("--method", default="said", choices=["said", "did"])
+    p.add_argument("--target", type=float, default=0.9, help="share of the full fine-tuning metric (default 0.9)")
+    p.add_argument("--full-metric", type=float, help="full fine-tuning's accuracy, if known (else it is run)")
+    p.add_argument("--d-start", type=int, default=16)
+    p.add_argument("--d-max", type=int, default=1 << 20)
+    p.add_argument("set", nargs="*", metavar="key=value", help="fixed config keys for every run")
+    p.set_defaults(run=cmd_intrinsic_dim)
 
     p = sub.add_parser("report", help="plots and a Markdown + HTML report of runs and sweeps")
     p.add_argument("dirs", nargs="+", help="run or sweep directories")

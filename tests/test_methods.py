@@ -208,7 +208,8 @@ def test_bad_method_options_give_one_line_errors(make, message):
 
 @pytest.mark.parametrize("method,preset", [("dora", "t5-tiny"), ("ia3", "gpt2-tiny"), ("ln_tuning", "bart-tiny"),
                                            ("houlsby", "t5-tiny"), ("bitfit", "gpt2-tiny"), ("qlora", "llama-tiny"),
-                                           ("prompt_tuning", "t5-tiny"), ("prompt_tuning", "gpt2-tiny")])
+                                           ("prompt_tuning", "t5-tiny"), ("prompt_tuning", "gpt2-tiny"),
+                                           ("said", "t5-tiny"), ("did", "gpt2-tiny")])
 def test_training_with_each_method_lowers_the_loss(tmp_path, method, preset):
     result = run(tmp_path, method, {"model.name": f"random:{preset}", "method.name": method, "run.max_steps": 30,
                                     "method.bottleneck": 16, **TASKS[preset]})

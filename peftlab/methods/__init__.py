@@ -10,12 +10,14 @@ from peftlab.methods.ln_tuning import LNTuningConfig
 from peftlab.methods.lora import LoraConfig, LoraLayer
 from peftlab.methods.prompt_tuning import PromptTuningConfig
 from peftlab.methods.qlora import QLoraConfig
+from peftlab.methods.subspace import DIDConfig, SubspaceConfig
 
 METHODS = {c.method: c for c in (LoraConfig, DoraConfig, IA3Config, LNTuningConfig, BitFitConfig, HoulsbyConfig,
-                                QLoraConfig, PromptTuningConfig)}
+                                QLoraConfig, PromptTuningConfig, SubspaceConfig, DIDConfig)}
 
-__all__ = ["METHODS", "BitFitConfig", "DoraConfig", "HoulsbyConfig", "IA3Config", "LNTuningConfig", "LoraConfig",
-           "LoraLayer", "PromptTuningConfig", "QLoraConfig", "build_config", "parse_targets"]
+__all__ = ["METHODS", "BitFitConfig", "DIDConfig", "DoraConfig", "HoulsbyConfig", "IA3Config", "LNTuningConfig",
+           "LoraConfig", "LoraLayer", "PromptTuningConfig", "QLoraConfig", "SubspaceConfig", "build_config",
+           "parse_targets"]
 
 
 def parse_targets(text: str) -> list[str] | str:

@@ -47,7 +47,7 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
     if peft_type == "LORA" and raw.get("use_dora"):
         return METHODS["dora"].from_peft(raw, where)
     by_type: dict[str, type[MethodConfig]] = {}
-    for cls in METHODS.values():  # the first method of a peft type (lora, not its variants dora and qlora)
+    for cls in METHODS.values():  # the first method of a peft type (lora, not its variants dora and qlora; said)
         by_type.setdefault(cls.peft_type, cls)
     if peft_type not in by_type:
         raise PeftlabError(f"{where} holds a {peft_type} adapter; peftlab loads {sorted(by_type)}")

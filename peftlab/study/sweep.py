@@ -103,19 +103,26 @@ def sweep(config: str | None, grids: list[str], output: str | Path, overrides: l
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "sweep.json", json.dumps({"config": base.to_dict(), "grid": grids, "points": points}, indent=2))
     for i, point in enumerate(points, 1):
-        run_dir = out / point_name(point)
-        if (run_dir / "results.json").is_file():
-            print(f"[{i}/{len(points)}] {run_dir.name}: done earlier, skipped")
-            continue
-        print(f"[{i}/{len(points)}] {run_dir.name}", flush=True)
-        command = [sys.executable, "-m", "peftlab", "train", "--output", str(run_dir), "--overwrite",
-                   *(["--config", config] if config else []), *overrides, *(f"{k}={v}" for k, v in point.items())]
-        if subprocess.call(command) != 0:
-            raise PeftlabError(f"point {run_dir.name} failed (its output is above); fix it and re-run the sweep: "
-                               "finished points are skipped")
+        run_point(config, point, out, overrides, f"[{i}/{len(points)}] ")
     rows = [summary_row(out / point_name(p)) for p in points]
     write_summary(out, rows)
     return rows
+
+
+def run_point(config: str | None, point: dict[str, Any], out: Path, overrides: list[str] = (),
+              label: str = "") -> Path:
+    """Train one point in its own process under out/<point name>, unless it finished earlier."""
+    run_dir = out / point_name(point)
+    if (run_dir / "results.json").is_file():
+        print(f"{label}{run_dir.name}: done earlier, skipped")
+        return run_dir
+    print(f"{label}{run_dir.name}", flush=True)
+    command = [sys.executable, "-m", "peftlab", "train", "--output", str(run_dir), "--overwrite",
+               *(["--config", config] if config else []), *overrides, *(f"{k}={v}" for k, v in point.items())]
+    if subprocess.call(command) != 0:
+        raise PeftlabError(f"point {run_dir.name} failed (its output is above); fix it and re-run: "
+                           "finished points are skipped")
+    return run_dir
 
 
 def summary_row(run_dir: Path) -> dict[str, Any]:
@@ -124,7 +131,7 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "results.json").read_text())
     logs = [r for r in read_metrics(run_dir) if "loss" in r]
     metric = next((k for k in ("eval_accuracy", "eval_loss") if k in (results["eval_after"] or {})), None)
-    lora = config["method"]["name"] != "full"
+    lora = config["method"]["name"] in ("lora", "dora", "qlora")
     return {"point": run_dir.name, "method": config["method"]["name"],
             "r": config["method"]["r"] if lora else "", "alpha": config["method"]["alpha"] if lora else "",
             "trainable_params": results["trainable_params"],

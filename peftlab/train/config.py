@@ -39,7 +39,7 @@ class DataSection:
 
 @dataclass
 class MethodSection:
-    name: str = "lora"  # lora | dora | qlora | ia3 | ln_tuning | bitfit | houlsby | prompt_tuning | full
+    name: str = "lora"  # lora | dora | qlora | ia3 | ln_tuning | bitfit | houlsby | prompt_tuning | said | did | full
     r: int = 8  # lora, dora
     alpha: float = 16  # lora, dora
     targets: list[str] | str | None = None  # default: per method and model type (lora: attention q and v)
@@ -50,6 +50,7 @@ class MethodSection:
     feedforward: list[str] | None = None  # ia3: targets whose input is scaled (default per model type)
     bottleneck: int = 64  # houlsby: the adapter's inner size m
     num_virtual_tokens: int = 20  # prompt_tuning: length of the soft prompt
+    d: int = 1000  # said, did: the subspace (intrinsic) dimension
 
 
 @dataclass
