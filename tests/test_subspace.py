@@ -53,7 +53,8 @@ def test_fastfood_equals_the_explicit_dense_projection(d, size):
 def test_subspace_model_equals_dense_projection_reference(said):
     base, tokenizer = fresh_base("bert-tiny")
     # small tensors only (biases, LayerNorm scales): the dense reference is L x L per tensor
-    config = SubspaceConfig(d=8, said=said, seed=1, modules_to_save=["classifier"], parameters=r".*(bias|LayerNorm\.weight)")
+    config = SubspaceConfig(d=8, said=said, seed=1, modules_to_save=["classifier"],
+                            parameters=r".*(bias|LayerNorm\.weight)")
     model = peftlab.apply(copy.deepcopy(base), config).eval()
     subspace = model.peftlab_subspace
     with torch.no_grad():

@@ -51,6 +51,7 @@ class MethodSection:
     bottleneck: int = 64  # houlsby: the adapter's inner size m
     num_virtual_tokens: int = 20  # prompt_tuning: length of the soft prompt
     d: int = 1000  # said, did: the subspace (intrinsic) dimension
+    parameters: str = ".*"  # said, did: the parameters moved in the subspace (regex over parameter names)
 
 
 @dataclass
