@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.peftlab-installed
 # torch first, pinned to the CPU build that pip finds locally here; anything newer than 2.14.1 is refused.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench bench-methods lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/profile_step.py
+
+# the methods table on MiniLM + SST-2 (needs ../shared/data/sst2; about 30 min on 2 cores)
+bench-methods: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/methods_table.py
 
 lint: setup
 	$(BIN)/ruff check .
