@@ -110,13 +110,15 @@ def test_qlora_trains_only_the_adapters_and_gets_gradients():
     assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)  # B = 0 at init: A gets 0
 
 
-@pytest.mark.parametrize("block_size,message", [(48, "does not divide"), (0, "positive even integer"),
-                                                (-64, "positive even integer")])
-def test_bad_block_size_is_one_line_and_leaves_the_model_alone(block_size, message):
+@pytest.mark.parametrize("block_size,targets,message", [(48, ["q"], "does not divide"),
+                                                        (0, ["q"], "positive even integer"),
+                                                        (-64, ["q"], "positive even integer"),
+                                                        (64, ["qq"], "match no module")])
+def test_bad_input_is_one_line_and_leaves_the_model_alone(block_size, targets, message):
     base, _ = fresh_base("t5-tiny")
     model = copy.deepcopy(base)
     with pytest.raises(PeftlabError, match=message) as info:
-        peftlab.apply(model, QLoraConfig(r=4, targets=["q"], block_size=block_size))
+        peftlab.apply(model, QLoraConfig(r=4, targets=targets, block_size=block_size))
     assert "\n" not in str(info.value)
     assert not quantized_layers(model)
 
@@ -134,3 +136,20 @@ def test_inspect_reports_nf4_memory_and_error():
     assert 0.5 < per_weight < 0.52
     error = float(line.split("relative error ")[1].rstrip("%")) / 100
     assert 0.05 < error < 0.12
+
+
+def test_bitsandbytes_kernel_path_equals_ours():
+    """The path CUDA takes when bitsandbytes is installed, forced here on CPU: bitsandbytes' layout rebuilt
+    from ours is lossless, and its 4-bit matmul gives our outputs and input gradients."""
+    layer = NF4Linear(nn.Linear(128, 64))
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    ours = layer(x)
+    layer.use_bitsandbytes = True
+    x_bnb = x.detach().clone().requires_grad_(True)
+    theirs = layer(x_bnb)
+    packed, state = layer._bitsandbytes_state(x.device)
+    assert torch.equal(bnb_functional.dequantize_4bit(packed, state), layer.dequantized_weight())
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-6)
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(x_bnb.grad, x.grad, atol=1e-6, rtol=1e-6)

@@ -236,10 +236,11 @@ def apply(model: nn.Module, config: Any, adapter: str = "default") -> nn.Module:
     adapters: dict = getattr(model, ADAPTERS_ATTR, None) or {}
     if adapter in adapters:
         raise PeftlabError(f"the model already has an adapter named {adapter!r}: pick another name")
+    targets = find_targets(model, config) if config.targets is not None else []  # errors before any change
     config.prepare(model, adapter)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
-    for name in find_targets(model, config) if config.targets is not None else []:
+    for name in targets:
         module = model.get_submodule(name)
         new = config.make_layer(module, name, adapter)
         if new is not module:

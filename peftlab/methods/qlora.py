@@ -27,11 +27,11 @@ class QLoraConfig(LoraConfig):
     def prepare(self, model: nn.Module, adapter: str) -> None:
         """Quantize every linear layer except the output head and the modules trained in full."""
         keep = tuple(self.modules_to_save or ())
-        for name in linear_module_names(model):
+        names = [n for n in linear_module_names(model) if n.split(".")[-1] not in keep]
+        for name in names:  # every layer checked before any is replaced
+            check_block_size(model.get_submodule(name).weight.numel(), self.block_size, f"{name}.weight")
+        for name in names:
             module = model.get_submodule(name)
-            if name.split(".")[-1] in keep:
-                continue
-            check_block_size(module.weight.numel(), self.block_size, f"{name}.weight")
             conv = isinstance(module, Conv1D)
             set_submodule(model, name, NF4Linear(as_linear(module) if conv else module, self.block_size,
                                                  self.double_quant, self.scale_block_size, from_conv1d=conv))

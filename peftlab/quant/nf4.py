@@ -94,7 +94,14 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 class NF4Linear(nn.Module):
     """A frozen `nn.Linear` stored as NF4. `weight` is a zero-byte stand-in with the right shape, dtype and
-    device (model code reads `layer.weight.dtype`); the values live in the quantized buffers."""
+    device (model code reads `layer.weight.dtype`); the values live in the quantized buffers.
+
+    On CUDA with bitsandbytes installed (or with `use_bitsandbytes=True` anywhere), the matmul runs through
+    bitsandbytes' 4-bit kernels: the layer is re-quantized once into bitsandbytes' single-level layout,
+    which is lossless (each block's largest value maps to the code +-1, so codes and absmax come back
+    exactly: tested), at the cost of a second 4-bit copy on that device."""
+
+    use_bitsandbytes: bool | None = None  # None: on CUDA when bitsandbytes imports
 
     def __init__(self, linear: nn.Linear, block_size: int = 64, double_quant: bool = True,
                  scale_block_size: int = 256, from_conv1d: bool = False) -> None:
@@ -125,8 +132,33 @@ class NF4Linear(nn.Module):
             self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bnb_state = self._bitsandbytes_state(x.device)
+        if bnb_state is not None:
+            import bitsandbytes
+
+            packed, quant_state = bnb_state
+            return bitsandbytes.matmul_4bit(x, packed.t(), quant_state=quant_state, bias=self.bias)
         out = _DequantizedMatmul.apply(x, self)
         return out + self.bias if self.bias is not None else out
+
+    def _bitsandbytes_state(self, device: torch.device):
+        wanted = self.use_bitsandbytes if self.use_bitsandbytes is not None else device.type == "cuda"
+        if not wanted:
+            return None
+        cached = self.__dict__.get("_bnb_state")
+        if cached is None or cached[0].device != device:
+            try:
+                import bitsandbytes.functional as bnb_functional
+            except ImportError:
+                if self.use_bitsandbytes:
+                    raise PeftlabError("use_bitsandbytes=True but bitsandbytes is not installed: pip install "
+                                       "bitsandbytes, or leave it unset") from None
+                return None
+            weight = self.dequantized_weight().to(device)
+            cached = bnb_functional.quantize_4bit(weight, blocksize=self.block_size, quant_type="nf4",
+                                                  compress_statistics=False)
+            self.__dict__["_bnb_state"] = cached
+        return cached
 
     def to_linear(self) -> nn.Module:
         """The layer in full precision again (`nn.Linear`, or `Conv1D` if it came from one), holding the
