@@ -44,6 +44,8 @@ def test_fastfood_equals_the_explicit_dense_projection(d, size):
     dense = dense_fastfood(f)
     assert dense.shape == (size, d)
     torch.testing.assert_close(f(x), dense @ x, atol=1e-5, rtol=1e-5)
+    g = torch.randn(size)
+    torch.testing.assert_close(f.transpose(g), dense.T @ g, atol=1e-5, rtol=1e-5)
     assert torch.equal(Fastfood(d, size, seed=3)(x), f(x))  # the seed alone rebuilds it
     if size >= 64:
         assert 0.7 < float(dense.norm(dim=0).mean()) < 1.3  # columns of about unit norm
@@ -81,6 +83,18 @@ def test_subspace_model_equals_dense_projection_reference(said):
     ours.loss.backward()
     reference.loss.backward()
     torch.testing.assert_close(subspace.theta["default"].grad, theta.grad, atol=1e-5, rtol=1e-4)
+    if said:  # d loss / d λ_i = <d loss / d W_i, P_i θ>
+        expected = []
+        for name, p in base.named_parameters():
+            if name.endswith("bias") or name.endswith("LayerNorm.weight"):
+                if not name.startswith("classifier."):
+                    expected.append(name)
+        grads = torch.autograd.grad(functional_call(base, {**weights, **head}, args=(), kwargs=batch).loss,
+                                    [weights[n] for n in expected])
+        offsets = [o for _, _, o in subspace.offsets]
+        projections = [Fastfood(8, o.size, o.seed)(theta.detach()) for o in offsets]
+        reference_lambda = torch.stack([(g.reshape(-1) * pr).sum() for g, pr in zip(grads, projections)])
+        torch.testing.assert_close(subspace.lambdas["default"].grad, reference_lambda, atol=1e-5, rtol=1e-4)
 
 
 def test_identity_at_init_counts_and_no_second_copy():

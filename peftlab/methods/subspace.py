@@ -55,6 +55,32 @@ class Fastfood:
         x = hadamard_transform(x)[self.permutation] * self.gaussian
         return hadamard_transform(x)[: self.size] * self.scale
 
+    def transpose(self, grad: torch.Tensor) -> torch.Tensor:
+        """P^T grad (D -> d): the same factors in reverse order (H is symmetric, Π^T scatters)."""
+        x = hadamard_transform(torch.nn.functional.pad(grad * self.scale, (0, self.length - self.size)))
+        unpermuted = torch.empty_like(x)
+        unpermuted[self.permutation] = x * self.gaussian
+        return (hadamard_transform(unpermuted) * self.signs)[: self.d]
+
+
+class ScaledProjection(torch.autograd.Function):
+    """λ P θ for one tensor, saving only θ and λ: backward regenerates P from its seed (autograd through
+    the transform would keep several L-sized intermediates per tensor, a few model copies in all)."""
+
+    @staticmethod
+    def forward(ctx, theta, scale, size: int, seed: int):
+        ctx.save_for_backward(theta, scale)
+        ctx.size, ctx.seed = size, seed
+        return Fastfood(theta.numel(), size, seed, theta.device)(theta) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        theta, scale = ctx.saved_tensors
+        projection = Fastfood(theta.numel(), ctx.size, ctx.seed, theta.device)
+        grad_theta = projection.transpose(grad.reshape(-1)) * scale if ctx.needs_input_grad[0] else None
+        grad_scale = (grad.reshape(-1) @ projection(theta)).reshape(scale.shape) if ctx.needs_input_grad[1] else None
+        return grad_theta, grad_scale, None, None
+
 
 @dataclass(repr=False)
 class SubspaceConfig(MethodConfig):
@@ -163,9 +189,9 @@ class Subspace(AdapterLayer):
         if not self.active_adapters or self.merged_adapters:
             return None
         name = self.active_adapters[0]
-        theta = self.theta[name]
-        projected = Fastfood(theta.numel(), size, seed, device)(theta.to(device))
-        return projected * self.lambdas[name][index] if self.said else projected
+        theta = self.theta[name].to(device)
+        scale = self.lambdas[name][index].to(device) if self.said else torch.ones((), device=device)
+        return ScaledProjection.apply(theta, scale, size, seed)
 
     def adapter_names(self) -> list[str]:
         return list(self.theta)
