@@ -84,16 +84,12 @@ def test_subspace_model_equals_dense_projection_reference(said):
     reference.loss.backward()
     torch.testing.assert_close(subspace.theta["default"].grad, theta.grad, atol=1e-5, rtol=1e-4)
     if said:  # d loss / d λ_i = <d loss / d W_i, P_i θ>
-        expected = []
-        for name, p in base.named_parameters():
-            if name.endswith("bias") or name.endswith("LayerNorm.weight"):
-                if not name.startswith("classifier."):
-                    expected.append(name)
+        expected = [n for n in weights if n.endswith("bias") or n.endswith("LayerNorm.weight")]
         grads = torch.autograd.grad(functional_call(base, {**weights, **head}, args=(), kwargs=batch).loss,
                                     [weights[n] for n in expected])
         offsets = [o for _, _, o in subspace.offsets]
         projections = [Fastfood(8, o.size, o.seed)(theta.detach()) for o in offsets]
-        reference_lambda = torch.stack([(g.reshape(-1) * pr).sum() for g, pr in zip(grads, projections)])
+        reference_lambda = torch.stack([(g.reshape(-1) * pr).sum() for g, pr in zip(grads, projections, strict=True)])
         torch.testing.assert_close(subspace.lambdas["default"].grad, reference_lambda, atol=1e-5, rtol=1e-4)
 
 
