@@ -136,3 +136,14 @@ def test_bad_prompt_options_give_one_line_errors(make, message):
     with pytest.raises(PeftlabError, match=message) as info:
         make()
     assert "\n" not in str(info.value)
+
+
+def test_a_deep_copy_keeps_working_on_its_own_prompt():
+    _, ours, _, tokenizer = both("gpt2-tiny")
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        twin.peftlab_prompt.prompts["default"].add_(1.0)
+        batch = tokenizer(["hello there"], return_tensors="pt")
+        args = (batch["input_ids"],)  # positional input_ids go through the same hooks
+        assert not torch.allclose(twin(*args).logits, ours(*args).logits)
+        torch.testing.assert_close(ours(*args).logits, ours(**batch).logits)

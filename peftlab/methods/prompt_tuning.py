@@ -12,6 +12,7 @@ The caller's attention mask never includes the virtual tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -79,6 +80,13 @@ class PromptTuningConfig(MethodConfig):
 PROMPT_ATTR = "peftlab_prompt"
 
 
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    """`cls.forward`'s signature without `self`."""
+    signature = inspect.signature(cls.forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def _kind(model: nn.Module) -> str:
     if model.config.is_encoder_decoder:
         return "seq2seq"
@@ -102,9 +110,6 @@ class SoftPrompt(AdapterLayer):
         self.__dict__["embed"] = model.get_input_embeddings()
         inner = model.get_encoder() if self.kind == "seq2seq" else model.base_model
         self.__dict__["inner"] = inner
-        self._signatures = {id(m): inspect.signature(m.forward) for m in (model, inner)}
-        self._var_keyword = {id(m): next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-                             for m, sig in ((model, self._signatures[id(model)]), (inner, self._signatures[id(inner)]))}
         self._cut = False
         self._handles = [inner.register_forward_pre_hook(self._before_inner, with_kwargs=True)]
         if self.kind == "seq2seq":
@@ -158,13 +163,15 @@ class SoftPrompt(AdapterLayer):
     def _ones(self, mask: torch.Tensor) -> torch.Tensor:
         return torch.cat([mask.new_ones(mask.shape[0], self.num_virtual_tokens), mask], dim=1)
 
-    def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    @staticmethod
+    def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Every argument of a call by name (callers pass input_ids positionally or not)."""
         if not args:
             return dict(kwargs)
-        arguments = self._signatures[id(module)].bind_partial(*args, **kwargs).arguments
-        extra = arguments.pop(self._var_keyword[id(module)], {}) if self._var_keyword[id(module)] else {}
-        return {**arguments, **extra}
+        signature = _forward_signature(type(module))
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        return {**arguments, **(arguments.pop(var_keyword, {}) if var_keyword else {})}
 
     def _before_model(self, module, args, kwargs):
         """seq2seq: cross-attention reads the model-level mask, which must cover the virtual tokens."""
