@@ -95,7 +95,8 @@ def main() -> None:
             start = time.perf_counter()
             result = intrinsic_dim(None, out / "said", [*common, f"optim.lr={SAID_LR}",
                                                         f"method.parameters={SAID_PARAMETERS}"],
-                                   full_metric=float(full["eval_value"]), d_start=args.d_start, d_max=1 << 16)
+                                   full_metric=float(full["eval_value"]), d_start=args.d_start, d_max=1 << 16,
+                                   precision=0.5)
             seconds["said"] = time.perf_counter() - start
             if result["d"]:
                 rows.append({**summary_row(out / "said" / f"method=said,d={result['d']}"),

@@ -145,6 +145,10 @@ def test_search_doubles_then_bisects():
     assert 300 <= d <= 300 / 0.95 + 1 and curve[d] >= 0.85
     assert max(m for x, m in curve.items() if x < 300) < 0.85
     assert search(lambda d: 0.1, 0.5, d_start=4, d_max=16) == (None, {4: 0.1, 8: 0.1, 16: 0.1})
+    calls.clear()  # starting above d90: halve until a miss, then bisect
+    d, _ = search(evaluate, 0.85, d_start=4096, d_max=4096, precision=0.05)
+    assert calls[:5] == [4096, 2048, 1024, 512, 256]
+    assert 300 <= d <= 300 / 0.95 + 1
 
 
 @pytest.mark.parametrize("make,message", [
@@ -163,9 +167,9 @@ def test_intrinsic_dim_command_end_to_end(tmp_path):
     data = write_jsonl(generate("sentiment", 48, seed=0), tmp_path / "d.jsonl")
     settings = [f"data.train={data}", "model.name=random:bert-tiny", "run.max_steps=8", "run.batch_size=8",
                 "optim.lr=0.05", "run.logging_steps=4"]
-    result = intrinsic_dim(None, tmp_path / "search", settings, full_metric=0.01, d_start=4, d_max=8)
-    assert result["d"] == 4 and set(result["curve"]) == {"4"}  # any accuracy beats 0.9 x 0.01
+    result = intrinsic_dim(None, tmp_path / "search", settings, full_metric=0.01, d_start=1, d_max=8)
+    assert result["d"] == 1 and set(result["curve"]) == {"1"}  # any accuracy beats 0.9 x 0.01
     assert (tmp_path / "search" / "curve.png").stat().st_size > 0
-    assert (tmp_path / "search" / "curve.csv").read_text().splitlines()[1].startswith("4,")
-    run_results = json.loads((tmp_path / "search" / "method=said,d=4" / "results.json").read_text())
-    assert result["curve"]["4"] == pytest.approx(run_results["eval_after"]["eval_accuracy"], abs=1e-4)
+    assert (tmp_path / "search" / "curve.csv").read_text().splitlines()[1].startswith("1,")
+    run_results = json.loads((tmp_path / "search" / "method=said,d=1" / "results.json").read_text())
+    assert result["curve"]["1"] == pytest.approx(run_results["eval_after"]["eval_accuracy"], abs=1e-4)

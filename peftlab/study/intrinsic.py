@@ -1,7 +1,8 @@
 """`peftlab intrinsic-dim`: the smallest subspace dimension d whose fine-tuning reaches a share (90%) of
-full fine-tuning's metric (d90; Aghajanyan et al. 2020). Doubling from a small d until the target is met,
-then bisection (in log space) between the last miss and the first hit. Each d is a run of its own
-(resumable: finished runs are skipped); writes curve.csv, curve.png and result.json."""
+full fine-tuning's metric (d90; Aghajanyan et al. 2020). From --d-start, doubling until the target is met
+(or halving while it is met), then bisection (in log space) between the last miss and the first hit.
+Each d is a run of its own (resumable: finished runs are skipped); writes curve.csv, curve.png and
+result.json."""
 
 from __future__ import annotations
 
@@ -27,12 +28,18 @@ def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_m
         curve[d] = evaluate(d)
         return curve[d] >= threshold
 
-    miss, d = 0, d_start
-    while not reaches(d):
-        miss, d = d, d * 2
+    if reaches(d_start):  # halve until a miss: d_start may already be far above d90
+        hit, d = d_start, d_start // 2
+        while d >= 1 and reaches(d):
+            hit, d = d, d // 2
+        miss = d
+    else:
+        miss, d = d_start, d_start * 2
+        while d <= d_max and not reaches(d):
+            miss, d = d, d * 2
         if d > d_max:
             return None, curve
-    hit = d
+        hit = d
     while miss and hit - miss > max(1, precision * hit):
         middle = round(math.sqrt(miss * hit))
         if middle in (miss, hit):
@@ -46,7 +53,7 @@ def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_m
 
 def intrinsic_dim(config: str | None, output: str | Path, overrides: list[str] = (), method: str = "said",
                   target: float = 0.9, full_metric: float | None = None, d_start: int = 16,
-                  d_max: int = 1 << 20) -> dict:
+                  d_max: int = 1 << 20, precision: float = 0.25) -> dict:
     if method not in ("said", "did"):
         raise PeftlabError(f"--method must be said or did, got {method!r}")
     if not 0 < target <= 1:
@@ -64,7 +71,8 @@ def intrinsic_dim(config: str | None, output: str | Path, overrides: list[str] =
     if full_metric is None:
         full_metric = metric_of({"method.name": "full"})[1]
     threshold = target * full_metric
-    d90, curve = search(lambda d: metric_of({"method.name": method, "method.d": d})[1], threshold, d_start, d_max)
+    d90, curve = search(lambda d: metric_of({"method.name": method, "method.d": d})[1], threshold, d_start, d_max,
+                       precision)
     result = {"method": method, "target": target, "full_metric": full_metric, "threshold": threshold,
               "d": d90, "curve": {str(d): m for d, m in sorted(curve.items())}}
     write_text(out / "result.json", json.dumps(result, indent=2))
