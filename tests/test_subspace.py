@@ -28,13 +28,14 @@ def dense_fastfood(f: Fastfood) -> torch.Tensor:
     """S H G Π H B written out as matrices, cut to D x d."""
     h = sylvester(f.length)
     permutation = torch.eye(f.length)[f.permutation]  # (Π x)_i = x[perm[i]]
-    full = h @ torch.diag(f.gaussian) @ permutation @ h @ torch.diag(f.signs)
+    full = h @ torch.diag(f.gaussian) @ permutation @ h @ torch.diag(f.signs.float())
     return full[: f.size, : f.d] * f.scale
 
 
-def test_hadamard_transform_equals_the_sylvester_matrix():
-    x = torch.randn(16)
-    torch.testing.assert_close(hadamard_transform(x), sylvester(16) @ x)
+@pytest.mark.parametrize("length,block", [(16, 64), (128, 8), (256, 2), (512, 64)])
+def test_hadamard_transform_equals_the_sylvester_matrix(length, block):
+    x = torch.randn(length)  # block < length: several Kronecker passes, the last one possibly smaller
+    torch.testing.assert_close(hadamard_transform(x, block), sylvester(length) @ x, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("d,size", [(5, 12), (3, 64), (20, 8), (1, 1)])

@@ -11,6 +11,7 @@ the only full copy. The adapter file holds θ_d and the λs; the seed in its con
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -26,15 +27,28 @@ from peftlab.methods.inject import AdapterLayer, MethodConfig, is_target
 SUBSPACE_ATTR = "peftlab_subspace"
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised fast Walsh-Hadamard transform of a vector whose length is a power of two."""
+@functools.cache
+def sylvester_matrix(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The size x size Walsh-Hadamard matrix (size a power of two), entries ±1."""
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def hadamard_transform(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform of a vector whose length is a power of two.
+
+    H_L is a Kronecker product of small Sylvester matrices, one per group of index bits, so each pass is one
+    (batched) GEMM over an axis of a reshaped view instead of log2(L) elementwise passes."""
     length = x.shape[-1]
-    h = 1
-    while h < length:
-        pairs = x.reshape(-1, 2, h)
-        x = torch.stack([pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]], dim=1).reshape(length)
-        h *= 2
-    return x
+    after = 1  # the product of the axes to the right of the one being transformed
+    while after < length:
+        k = min(length // after, block)
+        h = sylvester_matrix(k, x.device)
+        x = x.reshape(-1, k) @ h if after == 1 else torch.matmul(h, x.reshape(-1, k, after))
+        after *= k
+    return x.reshape(length)
 
 
 class Fastfood:
@@ -44,8 +58,9 @@ class Fastfood:
         self.d, self.size = d, size
         self.length = 1 << max(math.ceil(math.log2(max(size, d))), 1)
         generator = torch.Generator(device=device).manual_seed(seed)
-        self.signs = torch.randint(0, 2, (self.length,), generator=generator, device=device).float() * 2 - 1
-        self.permutation = torch.randperm(self.length, generator=generator, device=device)
+        # kept compact (9 bytes per entry): drawing them is most of the cost, so Subspace builds each once
+        self.signs = (torch.randint(0, 2, (self.length,), generator=generator, device=device) * 2 - 1).to(torch.int8)
+        self.permutation = torch.randperm(self.length, generator=generator, device=device).int()
         self.gaussian = torch.randn(self.length, generator=generator, device=device)
         # unit-norm columns: H G Π H B has column norm sqrt(L Σ G²); keeping D of L rows shrinks it by sqrt(D / L)
         self.scale = 1 / math.sqrt(self.length * float(self.gaussian.square().sum()) * size / self.length)
@@ -64,22 +79,23 @@ class Fastfood:
 
 
 class ScaledProjection(torch.autograd.Function):
-    """λ P θ for one tensor, saving only θ and λ: backward regenerates P from its seed (autograd through
-    the transform would keep several L-sized intermediates per tensor, a few model copies in all)."""
+    """λ P θ for one tensor, saving θ, λ and P θ (for λ's gradient): backward applies P^T from the same
+    factors (autograd through the transform would keep several L-sized intermediates per tensor)."""
 
     @staticmethod
-    def forward(ctx, theta, scale, size: int, seed: int):
-        ctx.save_for_backward(theta, scale)
-        ctx.size, ctx.seed = size, seed
-        return Fastfood(theta.numel(), size, seed, theta.device)(theta) * scale
+    def forward(ctx, theta, scale, projection: Fastfood):
+        projected = projection(theta)
+        ctx.save_for_backward(theta, scale, projected if ctx.needs_input_grad[1] else None)
+        ctx.projection = projection
+        return projected * scale
 
     @staticmethod
     def backward(ctx, grad):
-        theta, scale = ctx.saved_tensors
-        projection = Fastfood(theta.numel(), ctx.size, ctx.seed, theta.device)
+        theta, scale, projected = ctx.saved_tensors
+        projection = ctx.projection
         grad_theta = projection.transpose(grad.reshape(-1)) * scale if ctx.needs_input_grad[0] else None
-        grad_scale = (grad.reshape(-1) @ projection(theta)).reshape(scale.shape) if ctx.needs_input_grad[1] else None
-        return grad_theta, grad_scale, None, None
+        grad_scale = (grad.reshape(-1) @ projected).reshape(scale.shape) if ctx.needs_input_grad[1] else None
+        return grad_theta, grad_scale, None
 
 
 @dataclass(repr=False)
@@ -165,6 +181,7 @@ class Subspace(AdapterLayer):
         self.active_adapters, self.merged_adapters = [adapter], []
         self.batch_adapters: list[str] | None = None
         self.__dict__["offsets"] = []  # (module, tensor name, Offset): the model owns the modules
+        self.__dict__["projections"] = {}  # (index, device) -> Fastfood, built on first use
         # tied tensors (e.g. input embeddings and LM head) move together: every owner gets the same offset
         owners: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -191,7 +208,10 @@ class Subspace(AdapterLayer):
         name = self.active_adapters[0]
         theta = self.theta[name].to(device)
         scale = self.lambdas[name][index].to(device) if self.said else torch.ones((), device=device)
-        return ScaledProjection.apply(theta, scale, size, seed)
+        key = (index, str(device))
+        if key not in self.projections:
+            self.projections[key] = Fastfood(theta.numel(), size, seed, device)
+        return ScaledProjection.apply(theta, scale, self.projections[key])
 
     def adapter_names(self) -> list[str]:
         return list(self.theta)
