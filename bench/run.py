@@ -5,7 +5,10 @@
 
 Each (tool, method, batch) runs in its own process so peak RSS is its own. Same data (random tokens,
 128 source and 64 target tokens), same model (`random:flan-t5-small`: flan-t5-small's architecture),
-same hyperparameters, fp32, dropout as in the model (T5 0.1, LoRA 0.05). Writes bench/RESULTS.md.
+same hyperparameters, fp32, dropout as in the model (T5 0.1, LoRA 0.05). Achieved GFLOP/s counts the
+model's own FLOPs (torch's FlopCounterMode on the stock model, the same for both tools), not what either
+tool spends. The loss-trajectory check trains both tools with dropout off on the same 8 rows (every step
+sees all of them, so sampling order cannot matter) and compares the logged losses. Writes bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def peak_rss_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
-def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path) -> dict:
+def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool) -> dict:
     validation = out.parent / "validation.jsonl"  # the loop scores it once at the end: keep it one batch
     validation.write_text("".join(data.read_text().splitlines(keepends=True)[:batch]))
     from peftlab.train.config import load_config
@@ -57,24 +60,26 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path) -> d
         "data.input_column": "source", "data.target_column": "target", "data.group_by_length": False,
         "data.max_source_length": SOURCE_TOKENS, "data.max_target_length": TARGET_TOKENS,
         "method.name": method, "method.r": 8, "method.alpha": 16, "method.targets": ["q", "v"],
-        "method.dropout": 0.05, "optim.lr": 1e-4, "run.batch_size": batch, "run.max_steps": steps,
+        "method.dropout": 0.05 if dropout else 0.0, "model.overrides": None if dropout else {"dropout_rate": 0.0},
+        "optim.lr": 1e-4, "run.batch_size": batch, "run.max_steps": steps,
         "run.logging_steps": 1, "run.output": str(out), "run.eval_before": False, "run.seed": 0,
     })
     result = train(config, progress=False)
     return {"step_times": [r["step_time_s"] for r in result.logs], "losses": [r["loss"] for r in result.logs]}
 
 
-def run_hf(data: Path, method: str, batch: int, steps: int, out: Path) -> dict:
+def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool) -> dict:
     import datasets
     import peft
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from peftlab.models import load_model
 
-    model, tokenizer = load_model("random:flan-t5-small")
+    model, tokenizer = load_model("random:flan-t5-small", overrides=None if dropout else {"dropout_rate": 0.0})
     if method == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"],
-                                                           lora_dropout=0.05, task_type="SEQ_2_SEQ_LM"))
+                                                           lora_dropout=0.05 if dropout else 0.0,
+                                                           task_type="SEQ_2_SEQ_LM"))
     table = datasets.load_dataset("json", data_files=str(data), split="train")
 
     def encode(row):
@@ -118,14 +123,34 @@ def child(args: argparse.Namespace) -> None:
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_peftlab if args.tool == "peftlab" else run_hf
-        result = runner(data, args.method, args.batch, args.steps, Path(tmp) / "out")
+        result = runner(data, args.method, args.batch, args.steps, Path(tmp) / "out", not args.no_dropout)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
 
-def measure(tool: str, method: str, batch: int, steps: int, data: Path) -> dict:
+def model_flops_per_token(method: str) -> float:
+    """Forward + backward FLOPs of the stock model per (source + target) token: LoRA has no weight gradients
+    for frozen layers, full fine-tuning has them all."""
+    import peft
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from peftlab.models import load_model
+
+    model, _ = load_model("random:flan-t5-small")
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"],
+                                                           task_type="SEQ_2_SEQ_LM"))
+    batch = {"input_ids": torch.randint(2, 32000, (1, SOURCE_TOKENS)),
+             "labels": torch.randint(2, 32000, (1, TARGET_TOKENS))}
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    return counter.get_total_flops() / (SOURCE_TOKENS + TARGET_TOKENS)
+
+
+def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", "--tool", tool, "--method", method, "--batch", str(batch),
-           "--steps", str(steps), "--data", str(data)]
+           "--steps", str(steps), "--data", str(data), *([] if dropout else ["--no-dropout"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -156,40 +181,62 @@ def main() -> None:
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--batches", default="8,32")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--trajectory-steps", type=int, default=20, help="loss-trajectory check length (0: skip)")
+    p.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = p.parse_args()
     if args.child:
         return child(args)
+    methods = args.methods.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data.jsonl"
+        data, rows_8 = Path(tmp) / "data.jsonl", Path(tmp) / "eight.jsonl"
         make_data(data, 40 * 32)
+        make_data(rows_8, 8)
         peak = matmul_gflops()
-        rows = []
-        for method in args.methods.split(","):
+        flops = {method: model_flops_per_token(method) for method in methods}
+        rows, trajectories = [], []
+        for method in methods:
             for batch in map(int, args.batches.split(",")):
                 ours = measure("peftlab", method, batch, args.steps, data)
                 theirs = measure("hf", method, batch, args.steps, data)
                 rows.append((method, batch, ours, theirs))
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
-    write_results(Path(args.output), rows, peak, args)
+            if args.trajectory_steps:
+                pair = [measure(tool, method, 8, args.trajectory_steps, rows_8, dropout=False)["losses"]
+                        for tool in ("peftlab", "hf")]
+                trajectories.append((method, *pair))
+    write_results(Path(args.output), rows, trajectories, peak, flops, args)
 
 
-def write_results(path: Path, rows, peak: float, args) -> None:
-    command = f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps}"
+def write_results(path: Path, rows, trajectories, peak: float, flops: dict, args) -> None:
+    command = (f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps} "
+               f"--trajectory-steps {args.trajectory_steps}")
     lines = [f"Reproduce: `{command}` (or `make bench`). Machine: {versions()}. "
              f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s.",
              f"Model `random:flan-t5-small`, {SOURCE_TOKENS} source + {TARGET_TOKENS} target tokens, LoRA r=8 "
              f"alpha=16 on q,v (dropout 0.05), T5 dropout 0.1, AdamW, fp32. Median of steps 2..{args.steps}; "
              "peak RSS of the whole process.", "",
              "| method | batch | peftlab s/step | peft s/step | time ratio | peftlab tok/s | peft tok/s "
+             "| peftlab GFLOP/s (% of peak) | peft GFLOP/s (% of peak) "
              "| peftlab peak RSS MB | peft peak RSS MB | memory ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, batch, ours, theirs in rows:
+        achieved = [flops[method] * r["tokens_per_s"] / 1e9 for r in (ours, theirs)]
         lines.append(f"| {method} | {batch} | {ours['median_step_s']:.2f} | {theirs['median_step_s']:.2f} | "
                      f"{ours['median_step_s'] / theirs['median_step_s']:.2f} | {ours['tokens_per_s']:.0f} | "
-                     f"{theirs['tokens_per_s']:.0f} | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
-                     f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
+                     f"{theirs['tokens_per_s']:.0f} | {achieved[0]:.0f} ({achieved[0] / peak:.0%}) | "
+                     f"{achieved[1]:.0f} ({achieved[1] / peak:.0%}) | {ours['peak_rss_mb']:.0f} | "
+                     f"{theirs['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
+    if trajectories:
+        lines += ["", f"Loss trajectory, dropout off, batch 8 (the same 8 rows every step), "
+                  f"{args.trajectory_steps} steps: largest relative difference between the tools' logged losses "
+                  "(target <= 1e-4).", "", "| method | max relative difference | first loss peftlab / peft "
+                  "| last loss peftlab / peft | within 1e-4 |", "|---|---|---|---|---|"]
+        for method, ours, theirs in trajectories:
+            worst = max(abs(a - b) / abs(b) for a, b in zip(ours, theirs, strict=True))
+            lines.append(f"| {method} | {worst:.1e} | {ours[0]:.6f} / {theirs[0]:.6f} | {ours[-1]:.6f} / "
+                         f"{theirs[-1]:.6f} | {'yes' if worst <= 1e-4 else 'NO'} |")
     update_section("Training step: peftlab vs HF peft + Seq2SeqTrainer", "\n".join(lines), path)
     print(f"wrote {path}")
 

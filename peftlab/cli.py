@@ -132,8 +132,9 @@ def cmd_intrinsic_dim(args: argparse.Namespace) -> int:
     from peftlab.study.intrinsic import intrinsic_dim
 
     result = intrinsic_dim(args.config, args.output, args.set, args.method, args.target, args.full_metric,
-                           args.d_start, args.d_max, args.precision)
-    found = f"d{round(100 * args.target)} = {result['d']}" if result["d"] else f"not reached up to d = {args.d_max}"
+                           args.d_start, args.d_max, args.precision, args.d_min)
+    found = (f"d{round(100 * args.target)} {'<=' if result['at_most'] else '='} {result['d']}" if result["d"]
+             else f"not reached up to d = {args.d_max}")
     print(f"{result['method'].upper()}: {found} (full fine-tuning {result['full_metric']:.4f}, target "
           f"{result['threshold']:.4f}); curve: {Path(args.output) / 'curve.png'}")
     return 0
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-metric", type=float, help="full fine-tuning's accuracy, if known (else it is run)")
     p.add_argument("--d-start", type=int, default=16)
     p.add_argument("--d-max", type=int, default=1 << 20)
+    p.add_argument("--d-min", type=int, default=1, help="halving stops here (a hit there bounds d90 from above)")
     p.add_argument("--precision", type=float, default=0.25,
                    help="stop bisecting when the miss is within this share of the hit (default 0.25)")
     p.add_argument("set", nargs="*", metavar="key=value", help="fixed config keys for every run")

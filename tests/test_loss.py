@@ -27,6 +27,23 @@ def test_chunked_cross_entropy_equals_plain(chunk):
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("weight_trainable", [False, True])
+def test_chunked_gradient_scales_with_the_upstream_gradient(weight_trainable):
+    """The gradient is computed in forward: backward must still apply the incoming gradient (here 2.5 x)."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(20, 8, generator=generator, requires_grad=weight_trainable)
+    labels = torch.randint(0, 20, (9,), generator=generator)
+    inputs = (hidden, weight) if weight_trainable else (hidden,)
+    plain = torch.autograd.grad(2.5 * F.cross_entropy(hidden @ weight.T, labels), inputs)
+    chunked = torch.autograd.grad(2.5 * chunked_cross_entropy(hidden, weight, labels, chunk=4), inputs)
+    for ours, reference in zip(chunked, plain, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, labels), F.cross_entropy(hidden @ weight.T,
+                                                                                                labels))
+
+
 @pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny", "llama-tiny"])
 @pytest.mark.parametrize("full", [False, True])
 def test_lm_loss_equals_the_models_own_loss_and_gradients(preset, full):

@@ -150,13 +150,16 @@ def test_search_doubles_then_bisects():
     d, _ = search(evaluate, 0.85, d_start=4096, d_max=4096, precision=0.05)
     assert calls[:5] == [4096, 2048, 1024, 512, 256]
     assert 300 <= d <= 300 / 0.95 + 1
+    calls.clear()  # every d down to d_min reaches the target: stop there (an upper bound)
+    assert search(evaluate, 0.45, d_start=64, d_max=64, d_min=16) == (16, {64: 0.5, 32: 0.5, 16: 0.5})
 
 
 @pytest.mark.parametrize("make,message", [
     (lambda: SubspaceConfig(d=0), "d must be a positive integer"),
     (lambda: SubspaceConfig(d=-5), "d must be a positive integer"),
     (lambda: peftlab.apply(fresh_base("t5-tiny")[0], SubspaceConfig(parameters=["nothing"])), "match no parameter"),
-    (lambda: search(lambda d: 0, 1, d_start=0, d_max=8), "0 < --d-start"),
+    (lambda: search(lambda d: 0, 1, d_start=0, d_max=8), "0 < --d-min <= --d-start"),
+    (lambda: search(lambda d: 0, 1, d_start=4, d_max=8, d_min=8), "0 < --d-min <= --d-start"),
 ])
 def test_bad_subspace_input_is_one_line(make, message):
     with pytest.raises(PeftlabError, match=message) as info:
@@ -170,6 +173,7 @@ def test_intrinsic_dim_command_end_to_end(tmp_path):
                 "optim.lr=0.05", "run.logging_steps=4"]
     result = intrinsic_dim(None, tmp_path / "search", settings, full_metric=0.01, d_start=1, d_max=8)
     assert result["d"] == 1 and set(result["curve"]) == {"1"}  # any accuracy beats 0.9 x 0.01
+    assert result["at_most"]  # nothing below d = 1 to miss
     assert (tmp_path / "search" / "curve.png").stat().st_size > 0
     assert (tmp_path / "search" / "curve.csv").read_text().splitlines()[1].startswith("1,")
     run_results = json.loads((tmp_path / "search" / "method=said,d=1" / "results.json").read_text())

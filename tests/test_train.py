@@ -1,5 +1,6 @@
 """`peftlab train`: the loop learns, logs what HF Trainer would, checkpoints and resumes exactly."""
 
+import copy
 import json
 import math
 
@@ -77,6 +78,23 @@ def test_only_trainable_parameters_reach_the_optimizer():
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in trainable}
     assert len(in_optimizer) == 6 * 2  # q of 2 encoder, 2 decoder self- and 2 cross-attentions; A and B
     assert all(p.requires_grad for p in trainable)
+
+
+def test_fused_adamw_takes_the_step_the_plain_loop_takes():
+    model, _ = peftlab.load_model("random:t5-tiny")
+    config = load_config(None, {"data.train": "x.jsonl", "optim.weight_decay": 0.01})
+    reference = copy.deepcopy(model)
+    trainable, optimizer, _ = loop._optimizer(config, model, 10)
+    plain = torch.optim.AdamW(reference.parameters(), lr=config.optim.lr, weight_decay=0.01, foreach=False)
+    assert optimizer.defaults["fused"] and not loop._optimizer(config, model, 10, sharded=True)[1].defaults["fused"]
+    for step in range(3):
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            p.grad = torch.full_like(p, 0.1 * (step + 1)) + torch.sin(torch.arange(p.numel()).view_as(p) * 1.0)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        plain.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 def test_logged_grad_norm_is_clip_grad_norm_and_lr_follows_schedule(tmp_path, monkeypatch):

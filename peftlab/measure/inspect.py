@@ -16,6 +16,7 @@ from peftlab.methods import build_config
 from peftlab.methods.inject import LINEAR_TYPES, MethodConfig, apply, linear_module_names
 from peftlab.methods.qlora import quantization_report, quantized_layers
 from peftlab.models import load_model
+from peftlab.train.lean import make_lean
 from peftlab.train.loss import lm_loss, supports_chunked_loss
 
 
@@ -63,9 +64,9 @@ def checkpoint_bytes(name: str, model: nn.Module) -> int:
 
 def estimate_memory(name: str, method: MethodConfig | str | None = None, task: str | None = None,
                     batch_size: int = 8, source_len: int = 128, target_len: int = 64, overrides: dict | None = None,
-                    fields: dict | None = None) -> tuple[str, MemoryParts]:
+                    fields: dict | None = None, lean_kernels: bool = True) -> tuple[str, MemoryParts]:
     """Predicted peak training memory (fp32, AdamW) of full fine-tuning (method None or "full"), or of a
-    method (a config, or a name and `fields`)."""
+    method (a config, or a name and `fields`); with the lean kernels as training uses them by default."""
     for flag, value in (("--batch-size", batch_size), ("--source-len", source_len), ("--target-len", target_len)):
         if value <= 0:
             raise PeftlabError(f"{flag} must be positive, got {value}")
@@ -75,6 +76,8 @@ def estimate_memory(name: str, method: MethodConfig | str | None = None, task: s
         model = apply(model, config)
     else:
         model.requires_grad_(True)
+    if lean_kernels:
+        make_lean(model)
     example = _example(model, source_len, target_len)
     chunked = supports_chunked_loss(model) and example["labels"].dim() == 2
     parts = estimate_parts(model, example, batch_size, lm_loss if chunked else (lambda m, b: m(**b).loss),

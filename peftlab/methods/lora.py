@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig, rows_by_adapter
 from peftlab.quant.nf4 import NF4Linear
+from peftlab.train.lean import keep_mask
 
 # Fields peft 0.21 writes that peftlab leaves at peft's defaults.
 _PEFT_DEFAULTS: dict[str, Any] = {
@@ -115,12 +116,6 @@ class LoraConfig(MethodConfig):
         return layer
 
 
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout's Bernoulli(1 - p) keep mask, one byte per element (uniform >= p: about twice as fast on CPU
-    as bernoulli_, same distribution)."""
-    return torch.rand(x.shape, device=x.device) >= p  # fp32 draws, whatever the dtype of x
-
-
 class DroppedLowRank(torch.autograd.Function):
     """scaling * B A dropout(x), saving x and a 1-byte keep mask rather than the dropped-out copy of x that
     `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept alive by the graph anyway,
@@ -128,7 +123,7 @@ class DroppedLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_A, weight_B, p: float, scaling: float):
-        keep = keep_mask(x, p)
+        keep = keep_mask(x.shape, p, x.device)
         down = (x * keep / (1 - p)) @ weight_A.T
         ctx.save_for_backward(x, keep, weight_A, weight_B, down)
         ctx.p, ctx.scaling = p, scaling

@@ -17,11 +17,12 @@ from peftlab.study.sweep import run_point, summary_row
 
 
 def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_max: int,
-           precision: float = 0.25) -> tuple[int | None, dict[int, float]]:
+           precision: float = 0.25, d_min: int = 1) -> tuple[int | None, dict[int, float]]:
     """(smallest d found with evaluate(d) >= threshold, or None below d_max; every d tried and its metric).
-    Bisection stops when the bracket [miss, hit] is within `precision` of hit."""
-    if d_start <= 0 or d_max < d_start:
-        raise PeftlabError(f"need 0 < --d-start <= --d-max, got {d_start} and {d_max}")
+    Halving stops at d_min (a hit there only bounds d90 from above). Bisection stops when the bracket
+    [miss, hit] is within `precision` of hit."""
+    if not 0 < d_min <= d_start <= d_max:
+        raise PeftlabError(f"need 0 < --d-min <= --d-start <= --d-max, got {d_min}, {d_start} and {d_max}")
     curve: dict[int, float] = {}
 
     def reaches(d: int) -> bool:
@@ -30,8 +31,10 @@ def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_m
 
     if reaches(d_start):  # halve until a miss: d_start may already be far above d90
         hit, d = d_start, d_start // 2
-        while d >= 1 and reaches(d):
+        while d >= d_min and reaches(d):
             hit, d = d, d // 2
+        if d < d_min:
+            return hit, curve
         miss = d
     else:
         miss, d = d_start, d_start * 2
@@ -40,7 +43,7 @@ def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_m
         if d > d_max:
             return None, curve
         hit = d
-    while miss and hit - miss > max(1, precision * hit):
+    while hit - miss > max(1, precision * hit):
         middle = round(math.sqrt(miss * hit))
         if middle in (miss, hit):
             break
@@ -53,7 +56,7 @@ def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_m
 
 def intrinsic_dim(config: str | None, output: str | Path, overrides: list[str] = (), method: str = "said",
                   target: float = 0.9, full_metric: float | None = None, d_start: int = 16,
-                  d_max: int = 1 << 20, precision: float = 0.25) -> dict:
+                  d_max: int = 1 << 20, precision: float = 0.25, d_min: int = 1) -> dict:
     if method not in ("said", "did"):
         raise PeftlabError(f"--method must be said or did, got {method!r}")
     if not 0 < target <= 1:
@@ -72,9 +75,10 @@ def intrinsic_dim(config: str | None, output: str | Path, overrides: list[str] =
         full_metric = metric_of({"method.name": "full"})[1]
     threshold = target * full_metric
     d90, curve = search(lambda d: metric_of({"method.name": method, "method.d": d})[1], threshold, d_start, d_max,
-                       precision)
+                       precision, d_min)
     result = {"method": method, "target": target, "full_metric": full_metric, "threshold": threshold,
-              "d": d90, "curve": {str(d): m for d, m in sorted(curve.items())}}
+              "d": d90, "at_most": d90 is not None and d90 == min(curve),  # no miss below: an upper bound
+              "curve": {str(d): m for d, m in sorted(curve.items())}}
     write_text(out / "result.json", json.dumps(result, indent=2))
     write_text(out / "curve.csv", "d,eval_accuracy\n" + "".join(f"{d},{m}\n" for d, m in sorted(curve.items())))
     curve_figure(curve, full_metric, threshold, d90, method).savefig(out / "curve.png", dpi=120)

@@ -82,6 +82,7 @@ class RunSection:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast where the device supports it)
     gradient_checkpointing: bool = False
     chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see train/loss.py)
+    lean_kernels: bool = True  # cheaper dropout masks, fused GELU/attention saving less (same math; train/lean.py)
     resume: str | None = None  # a checkpoint dir, or "latest"
     distributed: str = "ddp"  # ddp | fsdp: how several processes (torchrun, --nproc) share the work
     overwrite: bool = False

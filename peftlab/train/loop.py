@@ -25,6 +25,7 @@ from peftlab.models import load_model, resolve_task
 from peftlab.train import distributed, setup
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
+from peftlab.train.lean import make_lean
 from peftlab.train.loss import lm_loss, supports_chunked_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
@@ -108,6 +109,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
                                   overrides=cfg.model.overrides)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
+    lean = make_lean(model, attention=cfg.run.precision == "fp32") if cfg.run.lean_kernels else []
     if cfg.run.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -119,16 +121,21 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     for config in getattr(model, "peftlab_adapters", {}).values():
         print(f"Using {config.method.upper()}: {config}")
     print(trainable_line(model))
+    if lean:
+        print(f"Lean kernels: {', '.join(lean)}")
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
     return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb)
 
 
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, sharded: bool = False):
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    # one fused kernel for all tensors (as HF Trainer's default); FSDP's sharded tensors take the plain loop
+    fused = not sharded and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, o.warmup_steps, total_steps, o.scheduler))
     return trainable, optimizer, scheduler
@@ -144,7 +151,7 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
     result = RunResult(out, total)
     state = _resume_weights(out, r.resume, model, world) if r.resume else None
     wrapped = distributed.wrap(model, _loss_function(cfg, model, task, world), world, device)
-    trainable, optimizer, scheduler = _optimizer(cfg, model, total)
+    trainable, optimizer, scheduler = _optimizer(cfg, model, total, sharded=world.strategy == "fsdp")
     step = 0
     if state is not None:
         step = _resume_state(state, model, optimizer, scheduler, stream, world)

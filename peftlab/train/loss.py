@@ -2,8 +2,9 @@
 
 A plain LM loss materialises batch x length x vocabulary logits (flan-t5-small at batch 32, 64 target
 tokens: 2048 x 32128 fp32 = 263 MB), keeps its log-softmax for backward and allocates its gradient too.
-`ChunkedCrossEntropy` scores only positions that carry a label, a chunk of rows at a time, and saves only
-the hidden states: backward recomputes each chunk's logits. Same math as `F.cross_entropy(h @ W.T, y)`.
+`ChunkedCrossEntropy` scores only positions that carry a label, a chunk of rows at a time, and computes the
+gradient as it goes, keeping only that (the size of the hidden states). Same math as
+`F.cross_entropy(h @ W.T, y)`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data.tasks import IGNORE_INDEX
@@ -21,32 +21,39 @@ SUPPORTED = ("t5", "mt5", "gpt2", "llama", "mistral", "qwen2")  # lm_head output
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward scores each chunk once and, when a gradient is wanted, computes the gradient of the summed
+    loss right there (softmax - one-hot, times W and h): backward only scales it by the incoming gradient,
+    so the logits are never recomputed (the saved gradient is the size of the hidden states)."""
+
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
         for start in range(0, hidden.shape[0], chunk):
-            logits = hidden[start:start + chunk] @ weight.T
-            total += F.cross_entropy(logits.float(), targets[start:start + chunk], reduction="sum")
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk = chunk
-        return total / max(hidden.shape[0], 1)
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            log_probs = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            total -= log_probs.gather(1, y[:, None]).sum()
+            if want_hidden or want_weight:
+                d_logits = log_probs.exp_()
+                d_logits[torch.arange(h.shape[0]), y] -= 1  # d (summed loss) / d logits
+                d_logits = d_logits.to(h.dtype)
+                if want_hidden:
+                    grad_hidden[start:start + chunk] = d_logits @ weight
+                if want_weight:
+                    grad_weight += d_logits.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        count = max(hidden.shape[0], 1)
+        ctx.count = count
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        hidden, weight, targets = ctx.saved_tensors
-        scale = grad_output / max(hidden.shape[0], 1)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[start:start + ctx.chunk]
-            probs = torch.softmax((h @ weight.T).float(), dim=-1)
-            probs[torch.arange(h.shape[0]), targets[start:start + ctx.chunk]] -= 1  # d loss / d logits
-            probs = (probs * scale).to(h.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:start + ctx.chunk] = probs @ weight
-            if grad_weight is not None:
-                grad_weight += probs.T @ h
-        return grad_hidden, grad_weight, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.count
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype), None, None)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

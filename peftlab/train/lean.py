@@ -1,0 +1,181 @@
+"""Lean kernels: the same math as a model's own modules, cheaper dropout masks and less kept for backward.
+
+`make_lean(model)` switches modules in place by class (a subclass with a leaner forward), never their weights
+or names, so state dicts, adapters and checkpoints are unchanged. What it switches:
+
+- every `nn.Dropout`: the keep mask is drawn as 32-bit integers (the rate exact to 2^-32, about twice as fast
+  as `bernoulli_` on CPU) and only the 1-byte mask is kept for backward.
+- GELU(tanh) written out in Python (`gelu_new`: T5, GPT-2), which keeps four full-size tensors for backward:
+  the same function as one fused kernel that keeps its input.
+- T5's gated-GELU feed-forward: GELU(gate) * up as one function that keeps gate and up and recomputes the
+  GELU in backward (plain autograd keeps gelu(gate) too).
+- T5 attention: softmax(q k^T + position bias + mask), dropout, times v, as one function that keeps q, k, v and
+  the 1-byte dropout mask and recomputes the probabilities in backward (the stock paths keep the
+  probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
+
+Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.activations import NewGELUActivation
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+
+LEAN_ATTENTION = "peftlab_lean"
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
+    """A boolean mask, each entry True with probability 1 - p, from two 32-bit draws per 64-bit random number."""
+    count = math.prod(shape)
+    bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    return (bits.view(torch.int32)[:count] >= round(p * 2**32) - 2**31).view(shape)
+
+
+class MaskedScale(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`F.dropout` with a cheaper mask: zero each entry with probability p, scale the rest by 1 / (1 - p)."""
+    if not training or p == 0:
+        return x
+    if p == 1:
+        return x * 0
+    return MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1 / (1 - p))
+
+
+class LeanDropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+class LeanTanhGELU(NewGELUActivation):
+    """transformers' NewGELUActivation (GELU, tanh approximation) as one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class GatedGELU(torch.autograd.Function):
+    """gelu_tanh(gate) * up, saving gate and up only."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.gelu(gate, approximate="tanh") * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        gelu_backward = torch.ops.aten.gelu_backward
+        grad_gate = gelu_backward(grad * up, gate, approximate="tanh") if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.gelu(gate, approximate="tanh") if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+class LeanT5GatedFF(T5DenseGatedActDense):
+    """T5's gated-GELU feed-forward with the GELU and the gate fused (its dtype rule for `wo` kept)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = GatedGELU.apply(self.wi_0(hidden_states), self.wi_1(hidden_states))
+        hidden_states = self.dropout(hidden_states)
+        weight = self.wo.weight
+        if isinstance(weight, torch.Tensor) and hidden_states.dtype != weight.dtype and weight.dtype != torch.int8:
+            hidden_states = hidden_states.to(weight.dtype)
+        return self.wo(hidden_states)
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient over the dimensions that were broadcast from `shape`."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class BiasedAttention(torch.autograd.Function):
+    """dropout(softmax(q k^T * scale + bias + mask)) v, saving q, k, v, the (shared) bias and mask tensors and
+    the 1-byte keep mask; backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, p: float, scale: float):
+        probs = BiasedAttention._probs(q, k, bias, mask, scale)
+        keep = keep_mask(probs.shape, p, probs.device) if p > 0 else None
+        dropped = probs if keep is None else torch.where(keep, probs, 0).mul_(1 / (1 - p))
+        ctx.save_for_backward(q, k, v, bias, mask, keep)
+        ctx.p, ctx.scale = p, scale
+        return torch.matmul(dropped.to(v.dtype), v)
+
+    @staticmethod
+    def _probs(q, k, bias, mask, scale: float) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if scale != 1:
+            scores.mul_(scale)
+        if bias is not None:
+            scores = scores + bias
+        if mask is not None:
+            scores = scores + mask
+        return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, mask, keep = ctx.saved_tensors
+        probs = BiasedAttention._probs(q, k, bias, mask, ctx.scale)
+        dropped = probs if keep is None else torch.where(keep, probs, 0).mul_(1 / (1 - ctx.p))
+        grad_v = torch.matmul(dropped.transpose(-1, -2), grad_out) if ctx.needs_input_grad[2] else None
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+        if keep is not None:
+            grad_probs = torch.where(keep, grad_probs, 0).mul_(1 / (1 - ctx.p))
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_bias = _reduce_to(grad_scores, bias.shape) if ctx.needs_input_grad[3] else None
+        grad_mask = _reduce_to(grad_scores, mask.shape) if ctx.needs_input_grad[4] else None
+        grad_scores = grad_scores * ctx.scale if ctx.scale != 1 else grad_scores
+        grad_q = torch.matmul(grad_scores, k) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad_v, grad_bias, grad_mask, None, None
+
+
+def lean_attention(module: nn.Module, query, key, value, attention_mask, scaling: float | None = None,
+                   dropout: float = 0.0, position_bias: torch.Tensor | None = None, **kwargs):
+    """An attention function for transformers' AttentionInterface (T5's eager semantics, masks additive)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    output = BiasedAttention.apply(query, key, value, position_bias, attention_mask, dropout, scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def make_lean(model: nn.Module, attention: bool = True) -> list[str]:
+    """Switch `model`'s modules to the lean versions above, in place; returns a line per kind switched.
+    `attention=False` keeps the model's attention (the lean one is written for fp32: no autocast inside)."""
+    switched: dict[str, int] = {}
+    for module in model.modules():
+        kind = None
+        if type(module) is nn.Dropout:
+            module.__class__, kind = LeanDropout, "dropout"
+        elif type(module) is NewGELUActivation:
+            module.__class__, kind = LeanTanhGELU, "gelu_new"
+        elif type(module) is T5DenseGatedActDense and isinstance(module.act, NewGELUActivation):
+            module.__class__, kind = LeanT5GatedFF, "gated-GELU feed-forward"
+        if kind:
+            switched[kind] = switched.get(kind, 0) + 1
+    if attention and getattr(model.config, "model_type", None) in ("t5", "mt5"):
+        AttentionInterface.register(LEAN_ATTENTION, lean_attention)
+        AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
+        model.set_attn_implementation(LEAN_ATTENTION)
+        switched["attention"] = sum(type(m).__name__ == "T5Attention" for m in model.modules())
+    return [f"{kind} x{count}" for kind, count in switched.items()]

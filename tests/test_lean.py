@@ -1,0 +1,141 @@
+"""The lean kernels (peftlab/train/lean.py) compute what the modules they replace compute: same outputs, same
+gradients (with the same dropout mask), the same dropout rate; a lean model's state dict is unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.activations import NewGELUActivation
+
+from peftlab import apply, load_model
+from peftlab.methods import build_config
+from peftlab.train.lean import BiasedAttention, GatedGELU, LeanTanhGELU, dropout, keep_mask, make_lean
+from peftlab.train.loss import lm_loss
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_has_the_dropout_rate(p):
+    torch.manual_seed(0)
+    keep = keep_mask((999, 1001), p, "cpu")  # an odd count: half of the last 64-bit draw is unused
+    n = keep.numel()
+    assert keep.dtype == torch.bool and keep.shape == (999, 1001)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    # neighbours come from the two halves of one 64-bit draw: they must not be correlated
+    pairs = keep.view(-1)[: n - 1].view(-1, 2).float()
+    assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 5 / (n / 2) ** 0.5
+
+
+def test_dropout_zeroes_or_scales_and_its_gradient_uses_the_same_mask():
+    x = torch.randn(64, 300, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, 0.25)
+    torch.manual_seed(3)
+    keep = keep_mask(x.shape, 0.25, "cpu")
+    torch.testing.assert_close(y, x * keep / 0.75)
+    upstream = torch.randn_like(x)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    torch.testing.assert_close(grad, upstream * keep / 0.75)
+    assert dropout(x, 0.25, training=False) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_lean_gelu_equals_gelu_new():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
+    ours, theirs = LeanTanhGELU()(x), NewGELUActivation()(x)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(theirs.sum(), x)[0])
+
+
+def test_gated_gelu_gradients():
+    generator = torch.Generator().manual_seed(0)
+    gate = torch.randn(3, 5, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    up = torch.randn(3, 5, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    torch.testing.assert_close(GatedGELU.apply(gate, up), NewGELUActivation()(gate) * up)
+    assert torch.autograd.gradcheck(GatedGELU.apply, (gate, up))
+
+
+def attention_inputs(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    b, h, s, k, d = 2, 3, 5, 6, 4
+    q, key, v = (torch.randn(b, h, n, d, dtype=dtype, generator=generator, requires_grad=True) for n in (s, k, k))
+    bias = torch.randn(1, h, s, k, dtype=dtype, generator=generator, requires_grad=True)  # shared over the batch
+    mask = torch.zeros(b, 1, 1, k, dtype=dtype)
+    mask[1, :, :, 4:] = torch.finfo(dtype).min  # the second row's last two keys are padding
+    return q, key, v, bias, mask
+
+
+def test_biased_attention_gradcheck_without_dropout():
+    q, k, v, bias, mask = attention_inputs()
+    assert torch.autograd.gradcheck(lambda *t: BiasedAttention.apply(*t, mask, 0.0, 0.5), (q, k, v, bias))
+
+
+def test_biased_attention_with_dropout_equals_autograd_with_the_same_mask():
+    q, k, v, bias, mask = attention_inputs(torch.float32)
+    torch.manual_seed(7)
+    ours = BiasedAttention.apply(q, k, v, bias, mask, 0.3, 1.0)
+    torch.manual_seed(7)
+    probs = torch.softmax(q @ k.transpose(-1, -2) + bias + mask, dim=-1)
+    reference = (probs * keep_mask(probs.shape, 0.3, "cpu") / 0.7) @ v
+    torch.testing.assert_close(ours, reference)
+    upstream = torch.randn_like(ours)
+    inputs = (q, k, v, bias)
+    for a, b in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(reference, inputs, upstream),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def lean_pair(preset: str, method: str | None = "lora"):
+    torch.manual_seed(0)
+    no_dropout = ({"dropout_rate": 0.0} if preset.startswith("t5")
+                  else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    model, _ = load_model(f"random:{preset}", overrides=no_dropout)
+    if method:
+        apply(model, build_config(method, model_type=model.config.model_type))
+    model.train()
+    lean = copy.deepcopy(model)
+    return model, lean, make_lean(lean)
+
+
+@pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("gpt2-tiny", "lora")])
+def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
+    model, lean, switched = lean_pair(preset, method)
+    assert any("gelu" in s for s in switched) and any("dropout" in s for s in switched)
+    if preset.startswith("t5"):
+        assert any("attention" in s for s in switched) and any("feed-forward" in s for s in switched)
+    assert list(lean.state_dict()) == list(model.state_dict())  # names, adapters and checkpoints unchanged
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "attention_mask": mask}
+    batch["labels"] = torch.randint(2, 500, (3, 6)) if preset.startswith("t5") else batch["input_ids"].clone()
+    losses = [lm_loss(m, batch) for m in (model, lean)]
+    torch.testing.assert_close(losses[1], losses[0])
+    for loss in losses:
+        loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (model, lean)]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lean_t5_generates_what_the_model_generates():
+    model, lean, _ = lean_pair("t5-tiny")
+    inputs = {"input_ids": torch.randint(2, 500, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    inputs["attention_mask"][0, 6:] = 0
+    model.eval(), lean.eval()
+    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(lean.generate(**inputs, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_lean_dropout_trains_with_the_models_dropout_rate():
+    torch.manual_seed(0)
+    model, _ = load_model("random:t5-tiny")  # dropout 0.1 on
+    make_lean(model)
+    model.train()
+    x = torch.ones(200, 400)
+    dropped = model.encoder.dropout(x)
+    assert abs((dropped == 0).float().mean().item() - model.config.dropout_rate) < 0.005
+    assert torch.allclose(dropped[dropped != 0], torch.tensor(1 / (1 - model.config.dropout_rate)))
+    model.eval()
+    assert torch.equal(model.encoder.dropout(x), x)
