@@ -86,6 +86,20 @@ def test_biased_attention_with_dropout_equals_autograd_with_the_same_mask():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_biased_attention_under_bf16_autocast_stays_close_and_keeps_dtypes():
+    q, k, v, bias, mask = attention_inputs(torch.float32)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]  # what autocast's linears hand over
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = BiasedAttention.apply(*low, bias, mask, 0.0, 1.0)
+    reference = torch.softmax(q @ k.transpose(-1, -2) + bias + mask, dim=-1) @ v
+    torch.testing.assert_close(ours.float(), reference, atol=5e-2, rtol=5e-2)
+    grads = torch.autograd.grad(ours.float().sum(), [*low, bias])
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3 + [torch.float32]
+    reference_grads = torch.autograd.grad(reference.sum(), (q, k, v, bias))
+    for ours_grad, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(ours_grad.float(), expected, atol=1e-1, rtol=5e-2)
+
+
 def lean_pair(preset: str, method: str | None = "lora"):
     torch.manual_seed(0)
     no_dropout = ({"dropout_rate": 0.0} if preset.startswith("t5")

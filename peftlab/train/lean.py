@@ -111,41 +111,45 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class BiasedAttention(torch.autograd.Function):
     """dropout(softmax(q k^T * scale + bias + mask)) v, saving q, k, v, the (shared) bias and mask tensors and
-    the 1-byte keep mask; backward recomputes the probabilities."""
+    the 1-byte keep mask; backward recomputes the probabilities. Products run in the inputs' dtype, the
+    softmax in fp32 at least, both ways (as autocast runs the stock attention; autocast itself is off inside)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, p: float, scale: float):
-        probs = BiasedAttention._probs(q, k, bias, mask, scale)
-        keep = keep_mask(probs.shape, p, probs.device) if p > 0 else None
-        dropped = probs if keep is None else torch.where(keep, probs, 0).mul_(1 / (1 - p))
-        ctx.save_for_backward(q, k, v, bias, mask, keep)
-        ctx.p, ctx.scale = p, scale
-        return torch.matmul(dropped.to(v.dtype), v)
+        with torch.autocast(q.device.type, enabled=False):
+            probs = BiasedAttention._probs(q, k, bias, mask, scale)
+            keep = keep_mask(probs.shape, p, probs.device) if p > 0 else None
+            ctx.save_for_backward(q, k, v, bias, mask, keep)
+            ctx.p, ctx.scale = p, scale
+            return torch.matmul(BiasedAttention._dropped(probs, keep, p).to(v.dtype), v)
 
     @staticmethod
     def _probs(q, k, bias, mask, scale: float) -> torch.Tensor:
-        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
         if scale != 1:
             scores.mul_(scale)
-        if bias is not None:
-            scores = scores + bias
-        if mask is not None:
-            scores = scores + mask
-        return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+        for extra in (bias, mask):
+            if extra is not None:
+                scores = scores + extra.to(scores.dtype)
+        return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def _dropped(probs: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+        return probs if keep is None else torch.where(keep, probs, 0).mul_(1 / (1 - p))
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, bias, mask, keep = ctx.saved_tensors
         probs = BiasedAttention._probs(q, k, bias, mask, ctx.scale)
-        dropped = probs if keep is None else torch.where(keep, probs, 0).mul_(1 / (1 - ctx.p))
-        grad_v = torch.matmul(dropped.transpose(-1, -2), grad_out) if ctx.needs_input_grad[2] else None
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
-        if keep is not None:
-            grad_probs = torch.where(keep, grad_probs, 0).mul_(1 / (1 - ctx.p))
+        grad_out = grad_out.to(v.dtype)
+        grad_v = None
+        if ctx.needs_input_grad[2]:
+            grad_v = torch.matmul(BiasedAttention._dropped(probs, keep, ctx.p).to(v.dtype).transpose(-1, -2), grad_out)
+        grad_probs = BiasedAttention._dropped(torch.matmul(grad_out, v.transpose(-1, -2)).to(probs.dtype), keep, ctx.p)
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        grad_bias = _reduce_to(grad_scores, bias.shape) if ctx.needs_input_grad[3] else None
-        grad_mask = _reduce_to(grad_scores, mask.shape) if ctx.needs_input_grad[4] else None
-        grad_scores = grad_scores * ctx.scale if ctx.scale != 1 else grad_scores
+        grad_bias = _reduce_to(grad_scores, bias.shape).to(bias.dtype) if ctx.needs_input_grad[3] else None
+        grad_mask = _reduce_to(grad_scores, mask.shape).to(mask.dtype) if ctx.needs_input_grad[4] else None
+        grad_scores = (grad_scores * ctx.scale).to(q.dtype)
         grad_q = torch.matmul(grad_scores, k) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
         return grad_q, grad_k, grad_v, grad_bias, grad_mask, None, None
@@ -161,7 +165,7 @@ def lean_attention(module: nn.Module, query, key, value, attention_mask, scaling
 
 def make_lean(model: nn.Module, attention: bool = True) -> list[str]:
     """Switch `model`'s modules to the lean versions above, in place; returns a line per kind switched.
-    `attention=False` keeps the model's attention (the lean one is written for fp32: no autocast inside)."""
+    `attention=False` keeps the model's own attention."""
     switched: dict[str, int] = {}
     for module in model.modules():
         kind = None

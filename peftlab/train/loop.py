@@ -109,7 +109,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
                                   overrides=cfg.model.overrides)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
-    lean = make_lean(model, attention=cfg.run.precision == "fp32") if cfg.run.lean_kernels else []
+    lean = make_lean(model) if cfg.run.lean_kernels else []
     if cfg.run.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
