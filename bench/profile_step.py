@@ -31,12 +31,14 @@ def main() -> None:
     from peftlab.methods import LoraConfig
     from peftlab.methods.inject import apply
     from peftlab.models import load_model
+    from peftlab.train.lean import make_lean
     from peftlab.train.loss import lm_loss
 
     model, tokenizer = load_model("random:flan-t5-small")
     apply(model, LoraConfig(r=8, alpha=16, targets=["q", "v"], dropout=0.05))
+    make_lean(model)  # as `peftlab train` runs it
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "d.jsonl"
         make_data(data, args.batch)
