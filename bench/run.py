@@ -1,6 +1,6 @@
 """Side-by-side training benchmark: peftlab against HF peft + Seq2SeqTrainer, in the same run.
 
-    python bench/run.py                       # LoRA r=8 on q,v and full fine-tuning, batch 8 and 32
+    python bench/run.py                       # LoRA r=8 on q,v, full fine-tuning, LoRA + gradient checkpointing
     python bench/run.py --steps 4 --batch 32 --methods lora
 
 Each (tool, method, batch) runs in its own process so peak RSS is its own. Same data (random tokens,
@@ -55,7 +55,10 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, drop
     from peftlab.train.config import load_config
     from peftlab.train.loop import train
 
+    checkpointing = method.endswith("+gc")  # "lora+gc": the same run with gradient checkpointing on both sides
+    method = method.removesuffix("+gc")
     config = load_config(None, {
+        "run.gradient_checkpointing": checkpointing,
         "model.name": "random:flan-t5-small", "data.train": str(data), "data.validation": str(validation),
         "data.input_column": "source", "data.target_column": "target", "data.group_by_length": False,
         "data.max_source_length": SOURCE_TOKENS, "data.max_target_length": TARGET_TOKENS,
@@ -76,6 +79,10 @@ def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: 
     from peftlab.models import load_model
 
     model, tokenizer = load_model("random:flan-t5-small", overrides=None if dropout else {"dropout_rate": 0.0})
+    checkpointing = method.endswith("+gc")
+    method = method.removesuffix("+gc")
+    if checkpointing:
+        model.enable_input_require_grads()  # peft's documented recipe: the frozen embeddings' output needs grad
     if method == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"],
                                                            lora_dropout=0.05 if dropout else 0.0,
@@ -98,7 +105,8 @@ def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: 
 
     args = Seq2SeqTrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps,
                                     learning_rate=1e-4, logging_steps=1, report_to=[], save_strategy="no",
-                                    dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True)
+                                    dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True,
+                                    gradient_checkpointing=checkpointing)
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=table,
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), callbacks=[Timer()])
     trainer.train()
@@ -129,6 +137,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def model_flops_per_token(method: str) -> float:
+    method = method.removesuffix("+gc")  # the model's FLOPs; recomputation is overhead
     """Forward + backward FLOPs of the stock model per (source + target) token: LoRA has no weight gradients
     for frozen layers, full fine-tuning has them all."""
     import peft
@@ -178,7 +187,8 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--method", default="lora")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--methods", default="lora,full")
+    p.add_argument("--methods", default="lora,full,lora+gc", help="lora, full, and either with +gc (gradient "
+                   "checkpointing on both sides: an extra row, not in the headline)")
     p.add_argument("--batches", default="8,32")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--trajectory-steps", type=int, default=20, help="loss-trajectory check length (0: skip)")

@@ -16,7 +16,7 @@ from torch import nn
 
 from peftlab.data.tasks import IGNORE_INDEX
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 256
 SUPPORTED = ("t5", "mt5", "gpt2", "llama", "mistral", "qwen2")  # lm_head output is the logits, nothing added
 
 
