@@ -238,6 +238,12 @@ def write_results(path: Path, rows, trajectories, peak: float, flops: dict, args
                      f"{theirs['tokens_per_s']:.0f} | {achieved[0]:.0f} ({achieved[0] / peak:.0%}) | "
                      f"{achieved[1]:.0f} ({achieved[1] / peak:.0%}) | {ours['peak_rss_mb']:.0f} | "
                      f"{theirs['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
+    plain_peft = {(m, b): theirs["peak_rss_mb"] for m, b, _, theirs in rows}
+    against_plain = [f"{m} batch {b}: {ours['peak_rss_mb'] / plain_peft[m.removesuffix('+gc'), b]:.2f}"
+                     for m, b, ours, _ in rows if m.endswith("+gc") and (m.removesuffix("+gc"), b) in plain_peft]
+    if against_plain:
+        lines += ["", "With gradient checkpointing, peftlab's peak against peft's without it (the issue's "
+                  "LoRA target is <= 0.25): " + "; ".join(against_plain) + "."]
     if trajectories:
         lines += ["", f"Loss trajectory, dropout off, batch 8 (the same 8 rows every step), "
                   f"{args.trajectory_steps} steps: largest relative difference between the tools' logged losses "

@@ -35,7 +35,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     """A boolean mask, each entry True with probability 1 - p, from two 32-bit draws per 64-bit random number."""
     count = math.prod(shape)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    return (bits.view(torch.int32)[:count] >= round(p * 2**32) - 2**31).view(shape)
+    threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)  # an int32 either way (p within 2^-33 of 1: keep ~0)
+    return (bits.view(torch.int32)[:count] >= threshold).view(shape)
 
 
 class MaskedScale(torch.autograd.Function):
