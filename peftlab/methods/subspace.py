@@ -4,9 +4,10 @@ arXiv 2012.13255): every trained tensor moves only inside a random d-dimensional
     DID:  θ_i = θ0_i + P_i θ_d          SAID: θ_i = θ0_i + λ_i P_i θ_d   (one trainable λ per tensor)
 
 P_i is a Fastfood transform S·H·G·Π·H·B (H: Walsh-Hadamard, G: Gaussian, Π: permutation, B: random signs),
-applied in O(L log L) and regenerated from a per-tensor seed, so neither a D×d matrix nor its random factors
-are stored. The weights are computed on the fly through `torch.nn.utils.parametrize`: the original θ0 is
-the only full copy. The adapter file holds θ_d and the λs; the seed in its config rebuilds every P_i.
+applied in O(L log L) from factors drawn from a per-tensor seed: no D×d matrix exists. The factors are drawn
+once per tensor and kept compactly (9 bytes per padded entry: drawing them was most of a step's cost), and are
+not saved: the seed rebuilds them. The weights are computed on the fly through `torch.nn.utils.parametrize`:
+the original θ0 is the only full copy. The adapter file holds θ_d and the λs; the seed in its config rebuilds every P_i.
 """
 
 from __future__ import annotations
