@@ -49,14 +49,13 @@ def peak_rss_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
-def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool) -> dict:
+def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool,
+                checkpointing: bool) -> dict:
     validation = out.parent / "validation.jsonl"  # the loop scores it once at the end: keep it one batch
     validation.write_text("".join(data.read_text().splitlines(keepends=True)[:batch]))
     from peftlab.train.config import load_config
     from peftlab.train.loop import train
 
-    checkpointing = method.endswith("+gc")  # "lora+gc": the same run with gradient checkpointing on both sides
-    method = method.removesuffix("+gc")
     config = load_config(None, {
         "run.gradient_checkpointing": checkpointing,
         "model.name": "random:flan-t5-small", "data.train": str(data), "data.validation": str(validation),
@@ -71,7 +70,7 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, drop
     return {"step_times": [r["step_time_s"] for r in result.logs], "losses": [r["loss"] for r in result.logs]}
 
 
-def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool) -> dict:
+def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, checkpointing: bool) -> dict:
     import datasets
     import peft
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
@@ -79,8 +78,6 @@ def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: 
     from peftlab.models import load_model
 
     model, tokenizer = load_model("random:flan-t5-small", overrides=None if dropout else {"dropout_rate": 0.0})
-    checkpointing = method.endswith("+gc")
-    method = method.removesuffix("+gc")
     if checkpointing:
         model.enable_input_require_grads()  # peft's documented recipe: the frozen embeddings' output needs grad
     if method == "lora":
@@ -131,7 +128,9 @@ def child(args: argparse.Namespace) -> None:
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_peftlab if args.tool == "peftlab" else run_hf
-        result = runner(data, args.method, args.batch, args.steps, Path(tmp) / "out", not args.no_dropout)
+        # "lora+gc": the same run with gradient checkpointing on both sides
+        result = runner(data, args.method.removesuffix("+gc"), args.batch, args.steps, Path(tmp) / "out",
+                        not args.no_dropout, args.method.endswith("+gc"))
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 

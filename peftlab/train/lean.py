@@ -39,6 +39,11 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return (bits.view(torch.int32)[:count] >= threshold).view(shape)
 
 
+def masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x where keep, else 0, times scale (a new tensor)."""
+    return torch.where(keep, x, 0).mul_(scale)
+
+
 class MaskedScale(torch.autograd.Function):
     """x * keep * scale, saving only the boolean mask."""
 
@@ -46,12 +51,12 @@ class MaskedScale(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x, 0).mul_(scale)
+        return masked_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+        return masked_scale(grad, keep, ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -136,7 +141,7 @@ class BiasedAttention(torch.autograd.Function):
 
     @staticmethod
     def _dropped(probs: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-        return probs if keep is None else torch.where(keep, probs, 0).mul_(1 / (1 - p))
+        return probs if keep is None else masked_scale(probs, keep, 1 / (1 - p))
 
     @staticmethod
     def backward(ctx, grad_out):
