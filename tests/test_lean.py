@@ -8,10 +8,12 @@ import copy
 import pytest
 import torch
 from transformers.activations import NewGELUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from peftlab import apply, load_model
 from peftlab.methods import build_config
-from peftlab.train.lean import BiasedAttention, GatedGELU, LeanTanhGELU, dropout, keep_mask, make_lean
+from peftlab.train.lean import BiasedAttention, GatedGELU, LeanTanhGELU, RMSNorm, dropout, keep_mask, make_lean
 from peftlab.train.loss import lm_loss
 
 
@@ -54,6 +56,40 @@ def test_gated_gelu_gradients():
     up = torch.randn(3, 5, 7, dtype=torch.float64, generator=generator, requires_grad=True)
     torch.testing.assert_close(GatedGELU.apply(gate, up), NewGELUActivation()(gate) * up)
     assert torch.autograd.gradcheck(GatedGELU.apply, (gate, up))
+
+
+def test_rms_norm_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: RMSNorm.apply(a, w, 1e-6, torch.float64), (x, weight))
+
+
+@pytest.mark.parametrize("stock", [T5LayerNorm, LlamaRMSNorm])
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+def test_lean_rms_norm_equals_the_stock_norm(stock, dtype, weight_dtype):
+    """Same output dtype and values, same gradients for x and the weight (T5 casts to a half weight's dtype,
+    Llama back to the input's)."""
+    reference = stock(16, eps=1e-6).to(weight_dtype)
+    with torch.no_grad():
+        reference.weight.normal_(generator=torch.Generator().manual_seed(1))
+    lean = copy.deepcopy(reference)
+    make_lean(lean)
+    assert type(lean) is not stock
+    x = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2)) * 3).to(dtype).requires_grad_()
+    upstream = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    outputs, grads = [], []
+    for module in (reference, lean):
+        out = module(x)
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out, (x, module.weight), upstream.to(out.dtype)))
+    assert outputs[1].dtype == outputs[0].dtype
+    tolerance = {} if dtype == weight_dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(outputs[1], outputs[0], **tolerance)
+    for ours, theirs in zip(grads[1], grads[0], strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, **({"atol": 1e-5, "rtol": 1e-5} | tolerance))
 
 
 def attention_inputs(dtype=torch.float64):
@@ -102,8 +138,8 @@ def test_biased_attention_under_bf16_autocast_stays_close_and_keeps_dtypes():
 
 def lean_pair(preset: str, method: str | None = "lora"):
     torch.manual_seed(0)
-    no_dropout = ({"dropout_rate": 0.0} if preset.startswith("t5")
-                  else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    no_dropout = {"t5": {"dropout_rate": 0.0}, "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                  "llama": {"attention_dropout": 0.0}}[preset.split("-")[0]]
     model, _ = load_model(f"random:{preset}", overrides=no_dropout)
     if method:
         apply(model, build_config(method, model_type=model.config.model_type))
@@ -112,10 +148,13 @@ def lean_pair(preset: str, method: str | None = "lora"):
     return model, lean, make_lean(lean)
 
 
-@pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("gpt2-tiny", "lora")])
+@pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("gpt2-tiny", "lora"),
+                                           ("llama-tiny", None)])
 def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
     model, lean, switched = lean_pair(preset, method)
-    assert any("gelu" in s for s in switched) and any("dropout" in s for s in switched)
+    assert any("gelu" in s for s in switched) != preset.startswith("llama")
+    assert any("dropout" in s for s in switched) != preset.startswith("llama")  # Llama has no dropout modules
+    assert any("RMSNorm" in s for s in switched) != preset.startswith("gpt2")
     if preset.startswith("t5"):
         assert any("attention" in s for s in switched) and any("feed-forward" in s for s in switched)
     assert list(lean.state_dict()) == list(model.state_dict())  # names, adapters and checkpoints unchanged

@@ -27,6 +27,19 @@ def test_chunked_cross_entropy_equals_plain(chunk):
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
 
 
+def test_loss_is_exact_where_the_target_probability_underflows():
+    """Logits far apart (untrained T5 starts near a loss of 94: p_target ~ e^-94, below float32's range): the
+    loss taken from the softmax must still match float64 log-softmax, not read log(0)."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = (torch.randn(12, 8, generator=generator) * 40).requires_grad_()
+    weight = torch.randn(30, 8, generator=generator)
+    labels = torch.randint(0, 30, (12,), generator=generator)
+    reference = F.cross_entropy((hidden @ weight.T).double(), labels)
+    assert reference > 100  # the regime in question: most target probabilities underflow in float32
+    torch.testing.assert_close(chunked_cross_entropy(hidden, weight, labels, chunk=5).double(), reference,
+                               rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("weight_trainable", [False, True])
 def test_chunked_gradient_scales_with_the_upstream_gradient(weight_trainable):
     """The gradient is computed in forward: backward must still apply the incoming gradient (here 2.5 x)."""
