@@ -139,6 +139,7 @@ def test_biased_attention_under_bf16_autocast_stays_close_and_keeps_dtypes():
 def lean_pair(preset: str, method: str | None = "lora"):
     torch.manual_seed(0)
     no_dropout = {"t5": {"dropout_rate": 0.0}, "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                  "bart": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0},
                   "llama": {"attention_dropout": 0.0}}[preset.split("-")[0]]
     model, _ = load_model(f"random:{preset}", overrides=no_dropout)
     if method:
@@ -149,20 +150,22 @@ def lean_pair(preset: str, method: str | None = "lora"):
 
 
 @pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("gpt2-tiny", "lora"),
-                                           ("llama-tiny", None)])
+                                           ("gpt2-tiny", None), ("bart-tiny", "lora"), ("llama-tiny", None)])
 def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
     model, lean, switched = lean_pair(preset, method)
-    assert any("gelu" in s for s in switched) != preset.startswith("llama")
-    assert any("dropout" in s for s in switched) != preset.startswith("llama")  # Llama has no dropout modules
-    assert any("RMSNorm" in s for s in switched) != preset.startswith("gpt2")
-    if preset.startswith("t5"):
-        assert any("attention" in s for s in switched) and any("feed-forward" in s for s in switched)
+    family = preset.split("-")[0]
+    assert {line.rsplit(" x", 1)[0] for line in switched} == {
+        "t5": {"dropout", "gelu_new", "gated-GELU feed-forward", "RMSNorm", "attention"},
+        "gpt2": {"dropout", "gelu_new", "attention"}, "bart": {"attention"},  # BART: functional dropout
+        "llama": {"RMSNorm"}}[family]  # Llama-style: no dropout modules, sdpa kept (no attention dropout)
     assert list(lean.state_dict()) == list(model.state_dict())  # names, adapters and checkpoints unchanged
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, 7:] = 0
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "attention_mask": mask}
-    batch["labels"] = torch.randint(2, 500, (3, 6)) if preset.startswith("t5") else batch["input_ids"].clone()
-    losses = [lm_loss(m, batch) for m in (model, lean)]
+    seq2seq = family in ("t5", "bart")
+    batch["labels"] = torch.randint(2, 500, (3, 6)) if seq2seq else batch["input_ids"].clone()
+    loss_of = (lambda m, b: m(**b).loss) if family == "bart" else lm_loss  # BART's head adds a bias
+    losses = [loss_of(m, batch) for m in (model, lean)]
     torch.testing.assert_close(losses[1], losses[0])
     for loss in losses:
         loss.backward()
@@ -172,10 +175,15 @@ def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_lean_t5_generates_what_the_model_generates():
-    model, lean, _ = lean_pair("t5-tiny")
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny", "bart-tiny"])
+def test_lean_model_generates_what_the_model_generates(preset):
+    """With the key/value cache: one query against a growing key length, padding masked."""
+    model, lean, _ = lean_pair(preset)
     inputs = {"input_ids": torch.randint(2, 500, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
-    inputs["attention_mask"][0, 6:] = 0
+    if preset.startswith("gpt2"):  # a decoder-only model continues from the right: pad on the left
+        inputs["attention_mask"][0, :3] = 0
+    else:
+        inputs["attention_mask"][0, 6:] = 0
     model.eval(), lean.eval()
     expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(lean.generate(**inputs, max_new_tokens=8, do_sample=False), expected)

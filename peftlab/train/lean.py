@@ -10,9 +10,9 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
 - RMSNorm (T5, Llama): one function that keeps x and 1/rms, not x and the normalised x, in fewer passes.
 - T5's gated-GELU feed-forward: GELU(gate) * up as one function that keeps gate and up and recomputes the
   GELU in backward (plain autograd keeps gelu(gate) too).
-- T5 attention: softmax(q k^T + position bias + mask), dropout, times v, as one function that keeps q, k, v and
-  the 1-byte dropout mask and recomputes the probabilities in backward (the stock paths keep the
-  probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
+- T5, GPT-2 and BART attention: softmax(q k^T + position bias + mask), dropout, times v, as one function
+  that keeps q, k, v and the 1-byte dropout mask and recomputes the probabilities in backward (the stock
+  paths keep the probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
 
 Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
 """
@@ -31,6 +31,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 
 LEAN_ATTENTION = "peftlab_lean"
+# Models whose attention goes through transformers' AttentionInterface with eager semantics and dropout on
+# the probabilities (where sdpa on CPU falls back to its math path and keeps them twice). Llama-style
+# models train without attention dropout: their sdpa kernel already keeps little.
+ATTENTION_CLASSES = {"t5": "T5Attention", "mt5": "MT5Attention", "gpt2": "GPT2Attention", "bart": "BartAttention"}
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
@@ -215,7 +219,7 @@ class BiasedAttention(torch.autograd.Function):
 
 def lean_attention(module: nn.Module, query, key, value, attention_mask, scaling: float | None = None,
                    dropout: float = 0.0, position_bias: torch.Tensor | None = None, **kwargs):
-    """An attention function for transformers' AttentionInterface (T5's eager semantics, masks additive)."""
+    """An attention function for transformers' AttentionInterface (eager semantics, masks additive)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     output = BiasedAttention.apply(query, key, value, position_bias, attention_mask, dropout, scale)
     return output.transpose(1, 2).contiguous(), None
@@ -239,9 +243,11 @@ def make_lean(model: nn.Module, attention: bool = True) -> list[str]:
             module.__class__, kind = LeanLlamaRMSNorm, "RMSNorm"
         if kind:
             switched[kind] = switched.get(kind, 0) + 1
-    if attention and getattr(getattr(model, "config", None), "model_type", None) in ("t5", "mt5"):
+    config = getattr(model, "config", None)
+    attention_class = ATTENTION_CLASSES.get(getattr(config, "model_type", None))
+    if attention and attention_class and not getattr(config, "reorder_and_upcast_attn", False):
         AttentionInterface.register(LEAN_ATTENTION, lean_attention)
         AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
         model.set_attn_implementation(LEAN_ATTENTION)
-        switched["attention"] = sum(type(m).__name__ == "T5Attention" for m in model.modules())
+        switched["attention"] = sum(type(m).__name__ == attention_class for m in model.modules())
     return [f"{kind} x{count}" for kind, count in switched.items()]
