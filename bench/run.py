@@ -136,9 +136,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def model_flops_per_token(method: str) -> float:
-    method = method.removesuffix("+gc")  # the model's FLOPs; recomputation is overhead
     """Forward + backward FLOPs of the stock model per (source + target) token: LoRA has no weight gradients
     for frozen layers, full fine-tuning has them all."""
+    method = method.removesuffix("+gc")  # the model's FLOPs; recomputation is overhead
     import peft
     import torch
     from torch.utils.flop_counter import FlopCounterMode
