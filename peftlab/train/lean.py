@@ -31,10 +31,12 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 
 LEAN_ATTENTION = "peftlab_lean"
-# Models whose attention goes through transformers' AttentionInterface with eager semantics and dropout on
-# the probabilities (where sdpa on CPU falls back to its math path and keeps them twice). Llama-style
-# models train without attention dropout: their sdpa kernel already keeps little.
-ATTENTION_CLASSES = {"t5": "T5Attention", "mt5": "MT5Attention", "gpt2": "GPT2Attention", "bart": "BartAttention"}
+# model type -> (attention class, config field of its attention dropout). T5 has no fused kernel (position
+# bias: eager only); the others are switched only with attention dropout, where sdpa on CPU falls back to its
+# math path and keeps the probabilities twice; without it, sdpa's fused kernel keeps as little (and Llama-style
+# models train without it).
+ATTENTION_CLASSES = {"t5": ("T5Attention", None), "mt5": ("MT5Attention", None),
+                     "gpt2": ("GPT2Attention", "attn_pdrop"), "bart": ("BartAttention", "attention_dropout")}
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
@@ -244,8 +246,9 @@ def make_lean(model: nn.Module, attention: bool = True) -> list[str]:
         if kind:
             switched[kind] = switched.get(kind, 0) + 1
     config = getattr(model, "config", None)
-    attention_class = ATTENTION_CLASSES.get(getattr(config, "model_type", None))
-    if attention and attention_class and not getattr(config, "reorder_and_upcast_attn", False):
+    attention_class, dropout_field = ATTENTION_CLASSES.get(getattr(config, "model_type", None), (None, None))
+    if (attention and attention_class and (dropout_field is None or getattr(config, dropout_field, 0) > 0)
+            and not getattr(config, "reorder_and_upcast_attn", False)):
         AttentionInterface.register(LEAN_ATTENTION, lean_attention)
         AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
         model.set_attn_implementation(LEAN_ATTENTION)
