@@ -138,7 +138,7 @@ def test_biased_attention_under_bf16_autocast_stays_close_and_keeps_dtypes():
 
 def lean_pair(preset: str, method: str | None = "lora"):
     torch.manual_seed(0)
-    no_dropout = {"t5": {"dropout_rate": 0.0}, "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    no_dropout = {"t5": {"dropout_rate": 0.0}, "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.1},
                   "bart": {"dropout": 0.0, "attention_dropout": 0.1, "activation_dropout": 0.0},
                   "llama": {"attention_dropout": 0.0}}[preset.split("-")[0]]
     model, _ = load_model(f"random:{preset}", overrides=no_dropout)
@@ -162,7 +162,7 @@ def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, 7:] = 0
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "attention_mask": mask}
-    model.eval(), lean.eval()  # BART's attention is switched only with attention dropout configured: off here
+    model.eval(), lean.eval()  # GPT-2, BART: attention switched only with attention dropout configured: off here
     seq2seq = family in ("t5", "bart")
     batch["labels"] = torch.randint(2, 500, (3, 6)) if seq2seq else batch["input_ids"].clone()
     loss_of = (lambda m, b: m(**b).loss) if family == "bart" else lm_loss  # BART's head adds a bias
