@@ -20,6 +20,7 @@ Each is tested against the module it replaces (outputs and gradients, with the s
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -227,30 +228,37 @@ def lean_attention(module: nn.Module, query, key, value, attention_mask, scaling
     return output.transpose(1, 2).contiguous(), None
 
 
+# stock class -> (lean subclass, what the summary line calls it)
+LEAN_MODULES = {nn.Dropout: (LeanDropout, "dropout"), NewGELUActivation: (LeanTanhGELU, "gelu_new"),
+                T5DenseGatedActDense: (LeanT5GatedFF, "gated-GELU feed-forward"),
+                T5LayerNorm: (LeanT5LayerNorm, "RMSNorm"), LlamaRMSNorm: (LeanLlamaRMSNorm, "RMSNorm")}
+
+
 def make_lean(model: nn.Module, attention: bool = True) -> list[str]:
     """Switch `model`'s modules to the lean versions above, in place; returns a line per kind switched.
     `attention=False` keeps the model's own attention."""
-    switched: dict[str, int] = {}
+    switched: Counter[str] = Counter()
     for module in model.modules():
-        kind = None
-        if type(module) is nn.Dropout:
-            module.__class__, kind = LeanDropout, "dropout"
-        elif type(module) is NewGELUActivation:
-            module.__class__, kind = LeanTanhGELU, "gelu_new"
-        elif type(module) is T5DenseGatedActDense and isinstance(module.act, NewGELUActivation):
-            module.__class__, kind = LeanT5GatedFF, "gated-GELU feed-forward"
-        elif type(module) is T5LayerNorm:
-            module.__class__, kind = LeanT5LayerNorm, "RMSNorm"
-        elif type(module) is LlamaRMSNorm:
-            module.__class__, kind = LeanLlamaRMSNorm, "RMSNorm"
-        if kind:
-            switched[kind] = switched.get(kind, 0) + 1
+        lean, kind = LEAN_MODULES.get(type(module), (None, None))
+        if lean is LeanT5GatedFF and not isinstance(module.act, NewGELUActivation):
+            continue  # the fused function is GELU(tanh)'s: other gated activations keep the stock module
+        if lean is not None:
+            module.__class__ = lean
+            switched[kind] += 1
+    if attention and (count := _switch_attention(model)):
+        switched["attention"] = count
+    return [f"{kind} x{count}" for kind, count in switched.items()]
+
+
+def _switch_attention(model: nn.Module) -> int:
+    """Route the model's attention through `lean_attention` where that saves memory; returns the number of
+    attention modules switched (0: none)."""
     config = getattr(model, "config", None)
     attention_class, dropout_field = ATTENTION_CLASSES.get(getattr(config, "model_type", None), (None, None))
-    if (attention and attention_class and (dropout_field is None or getattr(config, dropout_field, 0) > 0)
-            and not getattr(config, "reorder_and_upcast_attn", False)):
-        AttentionInterface.register(LEAN_ATTENTION, lean_attention)
-        AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
-        model.set_attn_implementation(LEAN_ATTENTION)
-        switched["attention"] = sum(type(m).__name__ == attention_class for m in model.modules())
-    return [f"{kind} x{count}" for kind, count in switched.items()]
+    if (attention_class is None or (dropout_field is not None and not getattr(config, dropout_field, 0) > 0)
+            or getattr(config, "reorder_and_upcast_attn", False)):
+        return 0
+    AttentionInterface.register(LEAN_ATTENTION, lean_attention)
+    AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
+    model.set_attn_implementation(LEAN_ATTENTION)
+    return sum(type(m).__name__ == attention_class for m in model.modules())
