@@ -8,7 +8,9 @@ Each (tool, method, batch) runs in its own process so peak RSS is its own. Same 
 same hyperparameters, fp32, dropout as in the model (T5 0.1, LoRA 0.05). Achieved GFLOP/s counts the
 model's own FLOPs (torch's FlopCounterMode on the stock model, the same for both tools), not what either
 tool spends. The loss-trajectory check trains both tools with dropout off on the same 8 rows (every step
-sees all of them, so sampling order cannot matter) and compares the logged losses. Writes bench/RESULTS.md.
+sees all of them, so sampling order cannot matter) and compares the logged losses. peftlab runs on the
+allocator `peftlab train` preloads (tcmalloc where installed), peft + Trainer on the system's; extra rows give
+peft the same allocator. Writes bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -131,7 +133,10 @@ def child(args: argparse.Namespace) -> None:
         # "lora+gc": the same run with gradient checkpointing on both sides
         result = runner(data, args.method.removesuffix("+gc"), args.batch, args.steps, Path(tmp) / "out",
                         not args.no_dropout, args.method.endswith("+gc"))
+    from peftlab.train.allocator import allocator_in_use
+
     result["peak_rss_mb"] = peak_rss_mb()
+    result["allocator"] = allocator_in_use()
     print("RESULT " + json.dumps(result))
 
 
@@ -156,10 +161,22 @@ def model_flops_per_token(method: str) -> float:
     return counter.get_total_flops() / (SOURCE_TOKENS + TARGET_TOKENS)
 
 
-def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True) -> dict:
+def child_environment(preload: bool) -> dict[str, str]:
+    """The system allocator, or the one `peftlab train` preloads on this machine (PEFTLAB_ALLOCATOR)."""
+    from peftlab.train.allocator import preload_environment
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"HF_HUB_OFFLINE": "1"}
+    return (preload_environment(env) or env) if preload else env
+
+
+def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True,
+            preload: bool | None = None) -> dict:
+    """One run in its own process. peftlab runs on the allocator its command picks, peft + Trainer on the
+    system's (as their users run them) unless `preload` says otherwise."""
     cmd = [sys.executable, __file__, "--child", "--tool", tool, "--method", method, "--batch", str(batch),
            "--steps", str(steps), "--data", str(data), *([] if dropout else ["--no-dropout"])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = child_environment(tool == "peftlab" if preload is None else preload)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{tool} {method} batch {batch} failed:\n{proc.stderr[-3000:]}")
@@ -203,7 +220,7 @@ def main() -> None:
         make_data(rows_8, 8)
         peak = matmul_gflops()
         flops = {method: model_flops_per_token(method) for method in methods}
-        rows, trajectories = [], []
+        rows, trajectories, same_allocator = [], [], []
         for method in methods:
             for batch in map(int, args.batches.split(",")):
                 ours = measure("peftlab", method, batch, args.steps, data)
@@ -211,21 +228,27 @@ def main() -> None:
                 rows.append((method, batch, ours, theirs))
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
+            largest = max(map(int, args.batches.split(",")))
+            if ours["allocator"] != "system":  # how much of the gap is the allocator: peft on it too
+                same_allocator.append((method, largest, measure("hf", method, largest, args.steps, data,
+                                                                preload=True)))
             if args.trajectory_steps:
                 pair = [measure(tool, method, 8, args.trajectory_steps, rows_8, dropout=False)["losses"]
                         for tool in ("peftlab", "hf")]
                 trajectories.append((method, *pair))
-    write_results(Path(args.output), rows, trajectories, peak, flops, args)
+    write_results(Path(args.output), rows, trajectories, same_allocator, peak, flops, args)
 
 
-def write_results(path: Path, rows, trajectories, peak: float, flops: dict, args) -> None:
+def write_results(path: Path, rows, trajectories, same_allocator, peak: float, flops: dict, args) -> None:
     command = (f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps} "
                f"--trajectory-steps {args.trajectory_steps}")
     lines = [f"Reproduce: `{command}` (or `make bench`). Machine: {versions()}. "
              f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s.",
              f"Model `random:flan-t5-small`, {SOURCE_TOKENS} source + {TARGET_TOKENS} target tokens, LoRA r=8 "
              f"alpha=16 on q,v (dropout 0.05), T5 dropout 0.1, AdamW, fp32. Median of steps 2..{args.steps}; "
-             "peak RSS of the whole process.", "",
+             f"peak RSS of the whole process. Allocator: peftlab {rows[0][2]['allocator']} (what `peftlab train` "
+             f"preloads here, PEFTLAB_ALLOCATOR), peft + Trainer {rows[0][3]['allocator']} (as its users run "
+             "it); the rows after the table give peft the same allocator.", "",
              "| method | batch | peftlab s/step | peft s/step | time ratio | peftlab tok/s | peft tok/s "
              "| peftlab GFLOP/s (% of peak) | peft GFLOP/s (% of peak) "
              "| peftlab peak RSS MB | peft peak RSS MB | memory ratio |",
@@ -243,6 +266,22 @@ def write_results(path: Path, rows, trajectories, peak: float, flops: dict, args
     if against_plain:
         lines += ["", "With gradient checkpointing, peftlab's peak against peft's without it (the issue's "
                   "LoRA target is <= 0.25): " + "; ".join(against_plain) + "."]
+    if same_allocator:
+        ours = {(m, b): o for m, b, o, _ in rows}
+        lines += ["", "The same allocator for both (peft + Trainer preloaded with peftlab's): what is left of the "
+                  "gap without it.", "", "| method | batch | allocator | peft s/step | peft peak RSS MB "
+                  "| time ratio | memory ratio |", "|---|---|---|---|---|---|---|"]
+        for method, batch, theirs in same_allocator:
+            mine = ours[method, batch]
+            lines.append(f"| {method} | {batch} | {theirs['allocator']} | {theirs['median_step_s']:.2f} | "
+                         f"{theirs['peak_rss_mb']:.0f} | {mine['median_step_s'] / theirs['median_step_s']:.2f} | "
+                         f"{mine['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
+        same = {(m, b): theirs for m, b, theirs in same_allocator}
+        gc_rows = [f"{m} batch {b}: {o['peak_rss_mb'] / same[m.removesuffix('+gc'), b]['peak_rss_mb']:.2f}"
+                   for (m, b), o in ours.items() if m.endswith("+gc") and (m.removesuffix("+gc"), b) in same]
+        if gc_rows:
+            lines += ["", "With gradient checkpointing against peft's without it, same allocator: "
+                      + "; ".join(gc_rows) + "."]
     if trajectories:
         lines += ["", f"Loss trajectory, dropout off, batch 8 (the same 8 rows every step), "
                   f"{args.trajectory_steps} steps: largest relative difference between the tools' logged losses "

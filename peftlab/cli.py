@@ -363,10 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    """The `peftlab` command; with `argv` given (in-process callers), the process is left as it is."""
     try:
+        if argv is None:
+            from peftlab.train.allocator import reexec_with_allocator
+
+            reexec_with_allocator()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.run(args)
     except PeftlabError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)

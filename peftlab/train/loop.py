@@ -23,6 +23,7 @@ from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.models import load_model, resolve_task
 from peftlab.train import distributed, setup
+from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
 from peftlab.train.lean import make_lean
@@ -111,7 +112,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     model = setup.apply_method(model, cfg, task)
     lean = make_lean(model) if cfg.run.lean_kernels else []
     if cfg.run.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed it; the old name warns and goes in v6
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.enable_input_require_grads()
     model.to(device).train()
     cfg.data.labels = labels or None
@@ -123,6 +126,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     print(trainable_line(model))
     if lean:
         print(f"Lean kernels: {', '.join(lean)}")
+    print(f"Allocator: {allocator_in_use()}")
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
