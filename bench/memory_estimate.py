@@ -4,13 +4,15 @@ LoRA r=8, batch 8 and 32, 128 source and 64 target tokens.
     python bench/memory_estimate.py [--steps 2] [--batches 8,32]
 
 The prediction is `peftlab inspect --estimate-memory`'s; the measurement is a `peftlab train` run in its own
-process (peak RSS above the memory before the model loaded, from its results.json).
+process (peak RSS above the memory before the model loaded, from its results.json). Both run on the allocator
+the `peftlab` command preloads (tcmalloc where installed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results import update_section  # noqa: E402
-from run import SOURCE_TOKENS, TARGET_TOKENS, make_data  # noqa: E402
+from run import SOURCE_TOKENS, TARGET_TOKENS, child_environment, make_data  # noqa: E402
 
 # name -> (model, overrides, LoRA targets): widened tiny presets stand in for the other architectures
 MODELS = {
@@ -53,7 +55,8 @@ def measure(model: str, overrides: dict, targets: list[str], method: str, batch:
 
 
 def predict(model: str, overrides: dict, targets: list[str] | None, batch: int) -> float:
-    """`estimate_memory` in a fresh process, as `peftlab inspect --estimate-memory` runs it."""
+    """`estimate_memory` in a fresh process, as `peftlab inspect --estimate-memory` runs it (on the allocator
+    the command preloads)."""
     target_len = TARGET_TOKENS if "gpt2" not in model else TARGET_TOKENS - 1
     code = ("import sys, json\n"
             "from peftlab.measure.inspect import estimate_memory\n"
@@ -62,8 +65,17 @@ def predict(model: str, overrides: dict, targets: list[str] | None, batch: int) 
             "config = LoraConfig(r=8, alpha=16, targets=targets, dropout=0.05) if targets else None\n"
             "print(estimate_memory(model, config, None, batch, s, t, overrides)[1].as_mb()['total'])\n")
     args = json.dumps([model, overrides, targets, batch, SOURCE_TOKENS, target_len])
-    done = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True,
+                          env=child_environment(preload=True))
     return float(done.stdout.split()[-1])
+
+
+def allocator_name() -> str:
+    """The allocator the `peftlab` command preloads here ("system": none)."""
+    from peftlab.train.allocator import choose_library
+
+    library = choose_library(os.environ.get("PEFTLAB_ALLOCATOR", "auto"))
+    return Path(library).name if library else "system"
 
 
 def main() -> None:
@@ -85,7 +97,7 @@ def main() -> None:
     lines += [f"| {m} | {meth} | {b} | {p:,.0f} | {x:,.0f} | {p / x:.2f} |" for m, meth, b, p, x in rows]
     body = (f"Command: `python bench/memory_estimate.py --steps {args.steps} --batches {args.batches}`. "
             "Measured = peak RSS above the memory before the model loaded "
-            "(CPU, fp32, AdamW; each run its own process).\n\n"
+            f"(CPU, fp32, AdamW; each run its own process; allocator: {allocator_name()}).\n\n"
             + "\n".join(lines))
     update_section("Memory: predicted against measured", body)
     print(body)

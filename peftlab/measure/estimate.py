@@ -149,11 +149,16 @@ def probed_step_bytes(model: nn.Module, one_example, batch_size: int, compute_lo
 
 
 def _release_freed_memory() -> None:
-    """Hand memory that malloc keeps after frees back to the system, so the probes' peaks are their own."""
+    """Hand memory that the allocator keeps after frees back to the system, so the probes' peaks are their
+    own: tcmalloc's cache where `peftlab` preloaded it (peftlab/train/allocator.py), else glibc's heap."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        process = ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return
+    if hasattr(process, "MallocExtension_ReleaseFreeMemory"):
+        process.MallocExtension_ReleaseFreeMemory()
+    elif hasattr(process, "malloc_trim"):
+        process.malloc_trim(0)
 
 
 def _current_rss() -> int:
