@@ -1,5 +1,6 @@
 """The `peftlab` command preloads a caching allocator (PEFTLAB_ALLOCATOR) without changing what it trains."""
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,5 @@ def test_command_trains_the_same_on_either_allocator(tmp_path, data):
     assert f"Allocator: {expected}\n" in train_command(tmp_path, data, "auto", "auto")
     assert "Allocator: system\n" in train_command(tmp_path, data, "system", "system")
     assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "system"), rel=1e-6)
+    # peak memory depends on the allocator, so the results record it
+    assert json.loads((tmp_path / "auto" / "results.json").read_text())["allocator"] == expected

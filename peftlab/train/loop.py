@@ -205,7 +205,7 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
                 "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
                 "trainable_params": trainable, "all_params": total, "baseline_memory_mb": baseline_mb,
                 "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None),
-                "memory_mb": memory.as_mb()}, indent=2))
+                "memory_mb": memory.as_mb(), "allocator": allocator_in_use()}, indent=2))
     return result
 
 
