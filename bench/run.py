@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 SOURCE_TOKENS, TARGET_TOKENS = 128, 64
+TIME_TARGETS = {"lora": 0.5, "full": 0.7}  # the headline step-time ratios
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results import update_section  # noqa: E402
@@ -260,6 +261,15 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
                      f"{theirs['tokens_per_s']:.0f} | {achieved[0]:.0f} ({achieved[0] / peak:.0%}) | "
                      f"{achieved[1]:.0f} ({achieved[1] / peak:.0%}) | {ours['peak_rss_mb']:.0f} | "
                      f"{theirs['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
+    floors = []
+    for method, batch, _, theirs in rows:  # the model's FLOPs at the measured peak: no step is faster
+        at_peak = flops[method] * batch * (SOURCE_TOKENS + TARGET_TOKENS) / (peak * 1e9)
+        target = TIME_TARGETS.get(method)
+        needs = (f" (the {target} target needs {at_peak / (target * theirs['median_step_s']):.0%} of peak over "
+                 "the whole step)") if target else ""
+        floors.append(f"{method} b{batch}: {at_peak / theirs['median_step_s']:.2f}{needs}")
+    lines += ["", "Floor: the time ratio peftlab would reach if every FLOP of its step ran at the matmul peak "
+              "measured above (the step's FLOPs / peak, over peft's step time): " + "; ".join(floors) + "."]
     plain_peft = {(m, b): theirs["peak_rss_mb"] for m, b, _, theirs in rows}
     against_plain = [f"{m} batch {b}: {ours['peak_rss_mb'] / plain_peft[m.removesuffix('+gc'), b]:.2f}"
                      for m, b, ours, _ in rows if m.endswith("+gc") and (m.removesuffix("+gc"), b) in plain_peft]
