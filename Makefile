@@ -29,6 +29,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/profile_step.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/profile_step.py --method full
 
 # the methods table on MiniLM + SST-2 (needs ../shared/data/sst2; about 30 min on 2 cores)
 bench-methods: setup

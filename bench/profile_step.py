@@ -1,8 +1,9 @@
-"""Where a peftlab LoRA training step spends its time: torch.profiler over a few steps.
+"""Where a peftlab training step spends its time: torch.profiler over a few steps.
 
-    python bench/profile_step.py [--batch 8] [--steps 3]
+    python bench/profile_step.py [--method lora|full] [--batch 8] [--steps 3]
 
-Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile").
+Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile", or "Profile: full
+fine-tuning").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--method", choices=["lora", "full"], default="lora")
     args = p.parse_args()
 
     from peftlab.data.batching import collate
@@ -35,7 +37,8 @@ def main() -> None:
     from peftlab.train.loss import lm_loss
 
     model, tokenizer = load_model("random:flan-t5-small")
-    apply(model, LoraConfig(r=8, alpha=16, targets=["q", "v"], dropout=0.05))
+    if args.method == "lora":
+        apply(model, LoraConfig(r=8, alpha=16, targets=["q", "v"], dropout=0.05))
     make_lean(model)  # as `peftlab train` runs it
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
@@ -60,8 +63,10 @@ def main() -> None:
             step()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
     print(table)
-    update_section("Profile", f"`python bench/profile_step.py --batch {args.batch} --steps {args.steps}`: peftlab LoRA "
-                   f"r=8 on q,v, random:flan-t5-small, {SOURCE_TOKENS}+{TARGET_TOKENS} tokens, batch "
+    what = "LoRA r=8 on q,v" if args.method == "lora" else "full fine-tuning"
+    update_section("Profile" if args.method == "lora" else "Profile: full fine-tuning",
+                   f"`python bench/profile_step.py --method {args.method} --batch {args.batch} --steps {args.steps}`: "
+                   f"peftlab {what}, random:flan-t5-small, {SOURCE_TOKENS}+{TARGET_TOKENS} tokens, batch "
                    f"{args.batch}, {args.steps} steps, top {args.top} operators by self CPU time.\n\n"
                    f"```\n{table}\n```")
 

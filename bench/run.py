@@ -207,7 +207,7 @@ def main() -> None:
     p.add_argument("--methods", default="lora,full,lora+gc", help="lora, full, and either with +gc (gradient "
                    "checkpointing on both sides: an extra row, not in the headline)")
     p.add_argument("--batches", default="8,32")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--trajectory-steps", type=int, default=20, help="loss-trajectory check length (0: skip)")
     p.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
