@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,9 @@ MODELS = {
 }
 
 
-def measure(model: str, overrides: dict, targets: list[str], method: str, batch: int, steps: int, tmp: Path) -> float:
+def measure(model: str, overrides: dict, targets: list[str], method: str, batch: int, steps: int,
+            tmp: Path) -> tuple[float, str]:
+    """The run's peak memory in MB and the allocator it ran on, from its results.json."""
     data = tmp / "data.jsonl"
     if not data.exists():
         make_data(data, 64)
@@ -51,7 +52,8 @@ def measure(model: str, overrides: dict, targets: list[str], method: str, batch:
     path.write_text(json.dumps(config))
     subprocess.run([sys.executable, "-m", "peftlab", "train", "--config", str(path)], check=True,
                    capture_output=True)
-    return json.loads((tmp / "run" / "results.json").read_text())["memory_mb"]["total"]
+    results = json.loads((tmp / "run" / "results.json").read_text())
+    return results["memory_mb"]["total"], results["allocator"]
 
 
 def predict(model: str, overrides: dict, targets: list[str] | None, batch: int) -> float:
@@ -70,26 +72,19 @@ def predict(model: str, overrides: dict, targets: list[str] | None, batch: int) 
     return float(done.stdout.split()[-1])
 
 
-def allocator_name() -> str:
-    """The allocator the `peftlab` command preloads here ("system": none)."""
-    from peftlab.train.allocator import choose_library
-
-    library = choose_library(os.environ.get("PEFTLAB_ALLOCATOR", "auto"))
-    return Path(library).name if library else "system"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batches", default="8,32")
     args = parser.parse_args()
-    rows = []
+    rows, allocators = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for label, (model, overrides, targets) in MODELS.items():
             for method in ("full", "lora"):
                 for batch in map(int, args.batches.split(",")):
                     predicted = predict(model, overrides, targets if method == "lora" else None, batch)
-                    measured = measure(model, overrides, targets, method, batch, args.steps, Path(tmp))
+                    measured, allocator = measure(model, overrides, targets, method, batch, args.steps, Path(tmp))
+                    allocators.add(allocator)
                     rows.append((label, method, batch, predicted, measured))
                     print(rows[-1], flush=True)
     lines = ["| model | method | batch | predicted MB | measured MB | predicted / measured |",
@@ -97,7 +92,7 @@ def main() -> None:
     lines += [f"| {m} | {meth} | {b} | {p:,.0f} | {x:,.0f} | {p / x:.2f} |" for m, meth, b, p, x in rows]
     body = (f"Command: `python bench/memory_estimate.py --steps {args.steps} --batches {args.batches}`. "
             "Measured = peak RSS above the memory before the model loaded "
-            f"(CPU, fp32, AdamW; each run its own process; allocator: {allocator_name()}).\n\n"
+            f"(CPU, fp32, AdamW; each run its own process; allocator: {', '.join(sorted(allocators))}).\n\n"
             + "\n".join(lines))
     update_section("Memory: predicted against measured", body)
     print(body)
