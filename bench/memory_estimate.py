@@ -5,7 +5,7 @@ LoRA r=8, batch 8 and 32, 128 source and 64 target tokens.
 
 The prediction is `peftlab inspect --estimate-memory`'s; the measurement is a `peftlab train` run in its own
 process (peak RSS above the memory before the model loaded, from its results.json). Both run on the allocator
-the `peftlab` command preloads (tcmalloc where installed).
+the `peftlab` command preloads (tcmalloc, else jemalloc, where installed).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ same hyperparameters, fp32, dropout as in the model (T5 0.1, LoRA 0.05). Achieve
 model's own FLOPs (torch's FlopCounterMode on the stock model, the same for both tools), not what either
 tool spends. The loss-trajectory check trains both tools with dropout off on the same 8 rows (every step
 sees all of them, so sampling order cannot matter) and compares the logged losses. peftlab runs on the
-allocator `peftlab train` preloads (tcmalloc where installed), peft + Trainer on the system's; extra rows give
-peft the same allocator. Writes bench/RESULTS.md.
+allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed), peft + Trainer on the
+system's; extra rows give peft the same allocator. Writes bench/RESULTS.md.
 """
 
 from __future__ import annotations

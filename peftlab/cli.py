@@ -252,8 +252,9 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftlab", description="Parameter-efficient fine-tuning in plain PyTorch.",
-        epilog="PEFTLAB_ALLOCATOR: auto (default: tcmalloc where installed, on Linux), tcmalloc, jemalloc, system, "
-               "or a library path; the command re-executes itself once with it preloaded (less peak memory on CPU).")
+        epilog="PEFTLAB_ALLOCATOR: auto (default on Linux: tcmalloc, else jemalloc, where installed), tcmalloc, "
+               "jemalloc, system, or a library path; the command re-executes itself once with it preloaded (less "
+               "peak memory on CPU).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="parameter counts, sizes, targetable modules, and a method's trainable line")

@@ -52,3 +52,13 @@ def randomize_lora_B(model, seed: int = 0) -> None:
 @pytest.fixture
 def tiny_t5():
     return fresh_base("t5-tiny")
+
+
+@pytest.fixture(scope="module")
+def seq_data(tmp_path_factory):
+    """A small learnable JSONL data set (test_train.seq_rows) for runs in a subprocess."""
+    from test_train import seq_rows
+
+    from peftlab.data.synth import write_jsonl
+
+    return write_jsonl(seq_rows(50), tmp_path_factory.mktemp("data") / "seq.jsonl")

@@ -22,11 +22,13 @@ def installed(monkeypatch):
     return use
 
 
-def test_auto_prefers_tcmalloc_and_falls_back_to_system(installed):
+def test_auto_prefers_tcmalloc_then_jemalloc_then_system(installed):
     installed(tcmalloc="libtcmalloc_minimal.so.4", jemalloc="libjemalloc.so.2")
     assert choose_library("auto") == choose_library("") == "libtcmalloc_minimal.so.4"
     assert choose_library("jemalloc") == "libjemalloc.so.2"
     assert choose_library("system") is None
+    installed(jemalloc="libjemalloc.so.2")
+    assert choose_library("auto") == "libjemalloc.so.2"
     installed()
     assert choose_library("auto") is None
 
@@ -54,6 +56,28 @@ def test_preload_keeps_other_preloads_and_stops_once_preloaded(installed):
     assert preload_environment({}, platform="darwin") is None
 
 
+def test_jemalloc_keeps_freed_pages_unless_the_user_configured_it(installed):
+    installed(jemalloc="libjemalloc.so.2")
+    env = preload_environment({}, platform="linux")
+    assert env == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": allocator.JEMALLOC_CONF}
+    mine = preload_environment({"MALLOC_CONF": "narenas:1"}, platform="linux")
+    assert mine == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "narenas:1"}
+
+
+@pytest.mark.parametrize("name", ["tcmalloc", "jemalloc"])
+def test_estimate_probes_hand_the_allocator_cache_back(name):
+    # the memory estimate's probes measure from a clean slate only if the cache is really released
+    library = allocator.find_library(name)
+    if library is None:
+        pytest.skip(f"lib{name} is not installed")
+    code = ("import torch; from peftlab.measure import estimate as e\n"
+            "x = [torch.ones(1024, 1024) for _ in range(128)]; del x\n"
+            "before = e._current_rss(); e._release_freed_memory(); print(before - e._current_rss())")
+    env = {**os.environ, "LD_PRELOAD": library, "MALLOC_CONF": allocator.JEMALLOC_CONF}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(done.stdout) > 400 * 2**20  # of the 512 MB freed
+
+
 def test_importing_the_cli_loads_neither_torch_nor_transformers():
     # the command re-executes itself before the heavy imports, not after
     code = "import sys, peftlab.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
@@ -79,19 +103,10 @@ def train_command(tmp_path, data, name: str, choice: str) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from test_train import seq_rows
-
-    from peftlab.data.synth import write_jsonl
-
-    return write_jsonl(seq_rows(50), tmp_path_factory.mktemp("data") / "seq.jsonl")
-
-
-def test_command_trains_the_same_on_either_allocator(tmp_path, data):
-    expected = "tcmalloc" if allocator.find_library("tcmalloc") else "system"
-    assert f"Allocator: {expected}\n" in train_command(tmp_path, data, "auto", "auto")
-    assert "Allocator: system\n" in train_command(tmp_path, data, "system", "system")
+def test_command_trains_the_same_on_either_allocator(tmp_path, seq_data):
+    expected = next((name for name in ("tcmalloc", "jemalloc") if allocator.find_library(name)), "system")
+    assert f"Allocator: {expected}\n" in train_command(tmp_path, seq_data, "auto", "auto")
+    assert "Allocator: system\n" in train_command(tmp_path, seq_data, "system", "system")
     assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "system"), rel=1e-6)
     # peak memory depends on the allocator, so the results record it
     assert json.loads((tmp_path / "auto" / "results.json").read_text())["allocator"] == expected

@@ -7,11 +7,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import seq_rows
 
 import peftlab
 from peftlab.cli import main
-from peftlab.data.synth import write_jsonl
 from peftlab.errors import PeftlabError
 from peftlab.train import distributed, loop
 from peftlab.train.config import load_config
@@ -21,11 +19,6 @@ SETTINGS = {"model.name": "random:t5-tiny", "model.overrides": {"dropout_rate": 
             "data.input_column": "dialogue", "data.target_column": "summary", "run.batch_size": 8,
             "run.grad_accum": 2, "run.max_steps": 6, "run.logging_steps": 1, "run.eval_before": False,
             "optim.lr": 1e-2, "optim.scheduler": "constant", "run.seed": 0}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(seq_rows(50), tmp_path_factory.mktemp("data") / "seq.jsonl")
 
 
 def config_yaml(tmp_path, data, name="config", **extra) -> str:
@@ -65,13 +58,13 @@ def assert_same_run(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data):
+def reference(tmp_path_factory, seq_data):
     tmp = tmp_path_factory.mktemp("single")
-    return single(tmp, data, "single").output
+    return single(tmp, seq_data, "single").output
 
 
-def test_ddp_equals_single_process(tmp_path, data, reference):
-    done = torchrun(config_yaml(tmp_path, data, **{"run.save_steps": 3}), tmp_path / "ddp")
+def test_ddp_equals_single_process(tmp_path, seq_data, reference):
+    done = torchrun(config_yaml(tmp_path, seq_data, **{"run.save_steps": 3}), tmp_path / "ddp")
     assert_same_run(tmp_path / "ddp", reference)
     # one writer: one record per step, one "saved to" line, no stray temporary directories
     steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -89,25 +82,25 @@ def test_ddp_equals_single_process(tmp_path, data, reference):
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
     # ... and resuming it at another world size is refused in one line
     with pytest.raises(PeftlabError, match="saved by 2 process.*--nproc 2"):
-        single(tmp_path, data, "ddp", **{"run.resume": "latest"})
+        single(tmp_path, seq_data, "ddp", **{"run.resume": "latest"})
 
 
-def test_ddp_resume_equals_uninterrupted(tmp_path, data, reference):
-    config = config_yaml(tmp_path, data, **{"run.save_steps": 3})
-    torchrun(config_yaml(tmp_path, data, "first", **{"run.save_steps": 3, "run.max_steps": 3}), tmp_path / "run")
+def test_ddp_resume_equals_uninterrupted(tmp_path, seq_data, reference):
+    config = config_yaml(tmp_path, seq_data, **{"run.save_steps": 3})
+    torchrun(config_yaml(tmp_path, seq_data, "first", **{"run.save_steps": 3, "run.max_steps": 3}), tmp_path / "run")
     torchrun(config, tmp_path / "run", "--resume", "latest")
     assert_same_run(tmp_path / "run", reference)
 
 
-def test_fsdp_equals_single_process_and_resumes(tmp_path, data, reference):
+def test_fsdp_equals_single_process_and_resumes(tmp_path, seq_data, reference):
     fsdp = {"run.distributed": "fsdp", "run.save_steps": 3}
-    torchrun(config_yaml(tmp_path, data, "first", **fsdp, **{"run.max_steps": 3}), tmp_path / "fsdp")
-    torchrun(config_yaml(tmp_path, data, **fsdp), tmp_path / "fsdp", "--resume", "latest")
+    torchrun(config_yaml(tmp_path, seq_data, "first", **fsdp, **{"run.max_steps": 3}), tmp_path / "fsdp")
+    torchrun(config_yaml(tmp_path, seq_data, **fsdp), tmp_path / "fsdp", "--resume", "latest")
     assert_same_run(tmp_path / "fsdp", reference)
 
 
-def test_bad_launches_get_one_line_errors(tmp_path, data, monkeypatch, capsys):
-    config = config_yaml(tmp_path, data, **{"run.batch_size": 2})
+def test_bad_launches_get_one_line_errors(tmp_path, seq_data, monkeypatch, capsys):
+    config = config_yaml(tmp_path, seq_data, **{"run.batch_size": 2})
     assert main(["train", "--config", config, "--output", str(tmp_path / "x"), "--nproc", "3"]) == 2
     assert "3 processes but batch_size 2" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")

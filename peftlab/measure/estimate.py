@@ -150,13 +150,16 @@ def probed_step_bytes(model: nn.Module, one_example, batch_size: int, compute_lo
 
 def _release_freed_memory() -> None:
     """Hand memory that the allocator keeps after frees back to the system, so the probes' peaks are their
-    own: tcmalloc's cache where `peftlab` preloaded it (peftlab/train/allocator.py), else glibc's heap."""
+    own: tcmalloc's or jemalloc's cache where `peftlab` preloaded one (peftlab/train/allocator.py), else
+    glibc's heap."""
     try:
         process = ctypes.CDLL(None)
     except (OSError, TypeError):
         return
     if hasattr(process, "MallocExtension_ReleaseFreeMemory"):
         process.MallocExtension_ReleaseFreeMemory()
+    elif hasattr(process, "mallctl"):
+        process.mallctl(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
     elif hasattr(process, "malloc_trim"):
         process.malloc_trim(0)
 
