@@ -27,6 +27,17 @@ def test_chunked_cross_entropy_equals_plain(chunk):
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
 
 
+def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients():
+    # a trainable head still gets a gradient (zeros), as it would from the plain loss times zero
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, torch.full((2, 5), -100), chunk=4)
+    loss.backward()
+    assert loss.item() == 0
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def test_loss_is_exact_where_the_target_probability_underflows():
     """Logits far apart (untrained T5 starts near a loss of 94: p_target ~ e^-94, below float32's range): the
     loss taken from the softmax must still match float64 log-softmax, not read log(0)."""

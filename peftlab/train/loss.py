@@ -30,7 +30,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_weight = None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.T).float()
@@ -43,8 +43,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 d_logits = d_logits.to(h.dtype)
                 if want_hidden:
                     grad_hidden[start:start + chunk] = d_logits @ weight
-                if want_weight:
-                    grad_weight += d_logits.T @ h
+                if want_weight:  # accumulated in place: no zero fill, no vocabulary-sized temporary per chunk
+                    grad_weight = (d_logits.T @ h if grad_weight is None
+                                   else grad_weight.addmm_(d_logits.T, h))
+        if want_weight and grad_weight is None:  # no position carried a label
+            grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         count = max(hidden.shape[0], 1)
         ctx.count = count
