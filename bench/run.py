@@ -128,6 +128,12 @@ def matmul_gflops() -> float:
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.tool == "matmuls":  # how long peftlab's step spends in matrix products alone (profiled)
+        from profile_step import build_step, matmul_seconds_per_step, profiled
+
+        prof = profiled(build_step(args.method, args.batch), steps=1)
+        print("RESULT " + json.dumps({"matmul_s": matmul_seconds_per_step(prof, steps=1)}))
+        return
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_peftlab if args.tool == "peftlab" else run_hf
@@ -176,12 +182,14 @@ def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout:
     system's (as their users run them) unless `preload` says otherwise."""
     cmd = [sys.executable, __file__, "--child", "--tool", tool, "--method", method, "--batch", str(batch),
            "--steps", str(steps), "--data", str(data), *([] if dropout else ["--no-dropout"])]
-    env = child_environment(tool == "peftlab" if preload is None else preload)
+    env = child_environment(tool != "hf" if preload is None else preload)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{tool} {method} batch {batch} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(line.removeprefix("RESULT "))
+    if tool == "matmuls":
+        return result
     timed = result["step_times"][1:] or result["step_times"]  # the first step warms up allocators
     result["median_step_s"] = statistics.median(timed)
     result["tokens_per_s"] = batch * (SOURCE_TOKENS + TARGET_TOKENS) / result["median_step_s"]
@@ -226,6 +234,8 @@ def main() -> None:
             for batch in map(int, args.batches.split(",")):
                 ours = measure("peftlab", method, batch, args.steps, data)
                 theirs = measure("hf", method, batch, args.steps, data)
+                if method in TIME_TARGETS:
+                    ours["matmul_s"] = measure("matmuls", method, batch, 1, data)["matmul_s"]
                 rows.append((method, batch, ours, theirs))
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
@@ -262,14 +272,20 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
                      f"{achieved[1]:.0f} ({achieved[1] / peak:.0%}) | {ours['peak_rss_mb']:.0f} | "
                      f"{theirs['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
     floors = []
-    for method, batch, _, theirs in rows:  # the model's FLOPs at the measured peak: no step is faster
+    for method, batch, ours, theirs in rows:  # the model's FLOPs at the measured peak: no step is faster
         at_peak = flops[method] * batch * (SOURCE_TOKENS + TARGET_TOKENS) / (peak * 1e9)
         target = TIME_TARGETS.get(method)
-        needs = (f" (the {target} target needs {at_peak / (target * theirs['median_step_s']):.0%} of peak over "
-                 "the whole step)") if target else ""
+        needs = ""
+        if target:
+            budget = target * theirs["median_step_s"]
+            needs = (f" (the {target} target allows {budget:.2f} s: {at_peak / budget:.0%} of peak over the whole "
+                     f"step; our matrix products alone take {ours['matmul_s']:.2f} s, {ours['matmul_s'] / budget:.0%}"
+                     " of it)")
         floors.append(f"{method} b{batch}: {at_peak / theirs['median_step_s']:.2f}{needs}")
     lines += ["", "Floor: the time ratio peftlab would reach if every FLOP of its step ran at the matmul peak "
-              "measured above (the step's FLOPs / peak, over peft's step time): " + "; ".join(floors) + "."]
+              "measured above (the step's FLOPs / peak, over peft's step time), and how much of the time target's "
+              "budget peftlab's matrix products alone use (self time of mm, bmm and addmm in one profiled step, "
+              "`bench/profile_step.py`): " + "; ".join(floors) + "."]
     plain_peft = {(m, b): theirs["peak_rss_mb"] for m, b, _, theirs in rows}
     against_plain = [f"{m} batch {b}: {ours['peak_rss_mb'] / plain_peft[m.removesuffix('+gc'), b]:.2f}"
                      for m, b, ours, _ in rows if m.endswith("+gc") and (m.removesuffix("+gc"), b) in plain_peft]

@@ -38,6 +38,20 @@ def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients():
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
+def test_trainable_head_gradient_under_bf16_autocast_stays_float32_and_close():
+    # autocast runs the products in bf16; the head's gradient accumulates over chunks in the weight's dtype
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 50, (40,), generator=generator)
+    reference = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, labels), weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk=8)
+    (ours,) = torch.autograd.grad(loss, weight)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=2e-3, rtol=2e-2)
+
+
 def test_loss_is_exact_where_the_target_probability_underflows():
     """Logits far apart (untrained T5 starts near a loss of 94: p_target ~ e^-94, below float32's range): the
     loss taken from the softmax must still match float64 log-softmax, not read log(0)."""

@@ -43,9 +43,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 d_logits = d_logits.to(h.dtype)
                 if want_hidden:
                     grad_hidden[start:start + chunk] = d_logits @ weight
-                if want_weight:  # accumulated in place: no zero fill, no vocabulary-sized temporary per chunk
-                    grad_weight = (d_logits.T @ h if grad_weight is None
-                                   else grad_weight.addmm_(d_logits.T, h))
+                if want_weight:  # in the weight's dtype, in place: no zero fill, no temporary per chunk
+                    if grad_weight is None:
+                        grad_weight = (d_logits.T @ h).to(weight.dtype)
+                    else:
+                        grad_weight.addmm_(d_logits.T.to(weight.dtype), h.to(weight.dtype))
         if want_weight and grad_weight is None:  # no position carried a label
             grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
