@@ -176,10 +176,10 @@ def child_environment(preload: bool) -> dict[str, str]:
     return (preload_environment(env) or env) if preload else env
 
 
-def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True,
-            preload: bool | None = None) -> dict:
-    """One run in its own process. peftlab runs on the allocator its command picks, peft + Trainer on the
-    system's (as their users run them) unless `preload` says otherwise."""
+def run_child(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True,
+              preload: bool | None = None) -> dict:
+    """`child` in its own process; its RESULT line. peftlab runs on the allocator its command picks, peft +
+    Trainer on the system's (as their users run them) unless `preload` says otherwise."""
     cmd = [sys.executable, __file__, "--child", "--tool", tool, "--method", method, "--batch", str(batch),
            "--steps", str(steps), "--data", str(data), *([] if dropout else ["--no-dropout"])]
     env = child_environment(tool != "hf" if preload is None else preload)
@@ -187,9 +187,13 @@ def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{tool} {method} batch {batch} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(line.removeprefix("RESULT "))
-    if tool == "matmuls":
-        return result
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True,
+            preload: bool | None = None) -> dict:
+    """One training run (`run_child`) with its median step time and throughput."""
+    result = run_child(tool, method, batch, steps, data, dropout, preload)
     timed = result["step_times"][1:] or result["step_times"]  # the first step warms up allocators
     result["median_step_s"] = statistics.median(timed)
     result["tokens_per_s"] = batch * (SOURCE_TOKENS + TARGET_TOKENS) / result["median_step_s"]
@@ -251,7 +255,7 @@ def main() -> None:
                 ours, theirs = (median_run([pair[i] for pair in pairs]) for i in (0, 1))
                 ours["time_ratios"] = sorted(a["median_step_s"] / b["median_step_s"] for a, b in pairs)
                 if method in TIME_TARGETS:
-                    ours["matmul_s"] = measure("matmuls", method, batch, 1, data)["matmul_s"]
+                    ours["matmul_s"] = run_child("matmuls", method, batch, 1, data)["matmul_s"]
                 rows.append((method, batch, ours, theirs))
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)

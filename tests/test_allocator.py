@@ -73,7 +73,8 @@ def test_estimate_probes_hand_the_allocator_cache_back(name):
     code = ("import torch; from peftlab.measure import estimate as e\n"
             "x = [torch.ones(1024, 1024) for _ in range(128)]; del x\n"
             "before = e._current_rss(); e._release_freed_memory(); print(before - e._current_rss())")
-    env = {**os.environ, "LD_PRELOAD": library, "MALLOC_CONF": allocator.JEMALLOC_CONF}
+    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = preload_environment({**plain, "PEFTLAB_ALLOCATOR": name}, platform="linux")  # as the command runs
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert int(done.stdout) > 400 * 2**20  # of the 512 MB freed
 
