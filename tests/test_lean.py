@@ -18,15 +18,25 @@ from peftlab.train.loss import lm_loss
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_mask_has_the_dropout_rate(p):
+@pytest.mark.parametrize("shape", [(999, 1001), (99, 101)])  # numpy's generator; torch's (below NUMPY_MASK_MIN)
+def test_keep_mask_has_the_dropout_rate(p, shape):
     torch.manual_seed(0)
-    keep = keep_mask((999, 1001), p, "cpu")  # an odd count: half of the last 64-bit draw is unused
+    keep = keep_mask(shape, p, "cpu")  # an odd count: half of the last 64-bit draw is unused
     n = keep.numel()
-    assert keep.dtype == torch.bool and keep.shape == (999, 1001)
+    assert keep.dtype == torch.bool and keep.shape == shape
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
     # neighbours come from the two halves of one 64-bit draw: they must not be correlated
     pairs = keep.view(-1)[: n - 1].view(-1, 2).float()
     assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 5 / (n / 2) ** 0.5
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (16, 16)])
+def test_keep_mask_follows_torch_seed(shape):
+    torch.manual_seed(5)
+    first, second = keep_mask(shape, 0.5, "cpu"), keep_mask(shape, 0.5, "cpu")
+    torch.manual_seed(5)
+    assert torch.equal(keep_mask(shape, 0.5, "cpu"), first)
+    assert not torch.equal(first, second)
 
 
 def test_dropout_zeroes_or_scales_and_its_gradient_uses_the_same_mask():

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig, rows_by_adapter
 from peftlab.quant.nf4 import NF4Linear
-from peftlab.train.lean import keep_mask
+from peftlab.train.lean import keep_mask, masked_scale
 
 # Fields peft 0.21 writes that peftlab leaves at peft's defaults.
 _PEFT_DEFAULTS: dict[str, Any] = {
@@ -124,7 +124,7 @@ class DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_A, weight_B, p: float, scaling: float):
         keep = keep_mask(x.shape, p, x.device)
-        down = (x * keep / (1 - p)) @ weight_A.T
+        down = masked_scale(x, keep, 1 / (1 - p)) @ weight_A.T
         ctx.save_for_backward(x, keep, weight_A, weight_B, down)
         ctx.p, ctx.scaling = p, scaling
         return down @ weight_B.T * scaling
@@ -135,9 +135,9 @@ class DroppedLowRank(torch.autograd.Function):
         grad = grad * ctx.scaling
         grad_down = grad @ weight_B
         grad_B = grad.reshape(-1, grad.shape[-1]).T @ down.reshape(-1, down.shape[-1])
-        dropped = x * keep / (1 - ctx.p)  # regenerated for this step only
+        dropped = masked_scale(x, keep, 1 / (1 - ctx.p))  # regenerated for this step only
         grad_A = grad_down.reshape(-1, grad_down.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
-        grad_x = (grad_down @ weight_A) * keep / (1 - ctx.p) if ctx.needs_input_grad[0] else None
+        grad_x = masked_scale(grad_down @ weight_A, keep, 1 / (1 - ctx.p)) if ctx.needs_input_grad[0] else None
         return grad_x, grad_A, grad_B, None, None
 
 
