@@ -193,6 +193,8 @@ class BiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, p: float, scale: float):
         with torch.autocast(q.device.type, enabled=False):
+            # heads arrive as transposed views: matmul would copy them on every use, twice in backward
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             probs = BiasedAttention._probs(q, k, bias, mask, scale)
             keep = keep_mask(probs.shape, p, probs.device) if p > 0 else None
             ctx.save_for_backward(q, k, v, bias, mask, keep)
@@ -217,7 +219,7 @@ class BiasedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, bias, mask, keep = ctx.saved_tensors
         probs = BiasedAttention._probs(q, k, bias, mask, ctx.scale)
-        grad_out = grad_out.to(v.dtype)
+        grad_out = grad_out.to(v.dtype).contiguous()
         grad_v = None
         if ctx.needs_input_grad[2]:
             grad_v = torch.matmul(BiasedAttention._dropped(probs, keep, ctx.p).to(v.dtype).transpose(-1, -2), grad_out)
