@@ -4,7 +4,9 @@ gradients (with the same dropout mask), the same dropout rate; a lean model's st
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from transformers.activations import NewGELUActivation
@@ -13,7 +15,16 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from peftlab import apply, load_model
 from peftlab.methods import build_config
-from peftlab.train.lean import BiasedAttention, GatedGELU, LeanTanhGELU, RMSNorm, dropout, keep_mask, make_lean
+from peftlab.train.lean import (
+    BiasedAttention,
+    GatedGELU,
+    LeanTanhGELU,
+    RMSNorm,
+    dropout,
+    keep_from_16_bits,
+    keep_mask,
+    make_lean,
+)
 from peftlab.train.loss import lm_loss
 
 
@@ -28,6 +39,30 @@ def test_keep_mask_has_the_dropout_rate(p, shape):
     # neighbours come from the two halves of one 64-bit draw: they must not be correlated
     pairs = keep.view(-1)[: n - 1].view(-1, 2).float()
     assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 5 / (n / 2) ** 0.5
+
+
+class ScriptedBits:
+    """A bit generator whose first draw is every 16-bit value once, then the given 64-bit numbers."""
+
+    def __init__(self, then: list[int]):
+        self.draws = [np.arange(2**16, dtype=np.uint16).view(np.uint64), np.array(then, dtype=np.uint64)]
+
+    def random_raw(self, size: int) -> np.ndarray:
+        draw = self.draws.pop(0)
+        assert draw.size == size
+        return draw
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 2**-17])
+def test_16_bit_keep_mask_settles_the_straddling_value_with_64_bits(p):
+    """Over each 16-bit value once, exactly floor(p * 2^16) values drop, plus the straddling one exactly when
+    its 64-bit draw falls below the remainder: so the drop rate is p, not p rounded to 2^-16."""
+    edge = math.floor(p * 2**16)
+    cut = int((p * 2**16 - edge) * 2**64)
+    for draw, drops in ((cut - 1, True), (cut, False)):
+        keep = keep_from_16_bits(ScriptedBits([draw]), 2**16, p)
+        assert (~keep).sum() == edge + drops
+        assert keep[edge] == (not drops) and not keep[:edge].any() and keep[edge + 1:].all()
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (16, 16)])
