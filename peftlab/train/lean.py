@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.activations import NewGELUActivation
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -51,7 +52,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
         # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this; seeding SFC64 costs
         # ~0.1 ms, one draw from torch's generator
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        return torch.from_numpy(keep_from_16_bits(np.random.SFC64(seed), count, p)).view(shape)
+        with record_function("peftlab::keep_mask"):  # numpy's work is no torch operator: name it for profiles
+            return torch.from_numpy(keep_from_16_bits(np.random.SFC64(seed), count, p)).view(shape)
     threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)  # an int32 either way (p within 2^-33 of 1: keep ~0)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
     return (bits.view(torch.int32)[:count] >= threshold).view(shape)
