@@ -32,11 +32,11 @@ from peftlab.train.loss import lm_loss
 @pytest.mark.parametrize("shape", [(999, 1001), (99, 101)])  # numpy's generator; torch's (below NUMPY_MASK_MIN)
 def test_keep_mask_has_the_dropout_rate(p, shape):
     torch.manual_seed(0)
-    keep = keep_mask(shape, p, "cpu")  # an odd count: half of the last 64-bit draw is unused
+    keep = keep_mask(shape, p, "cpu")  # an odd count: part of the last 64-bit draw is unused
     n = keep.numel()
     assert keep.dtype == torch.bool and keep.shape == shape
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
-    # neighbours come from the two halves of one 64-bit draw: they must not be correlated
+    # neighbours come from lanes of one 64-bit draw (two 32-bit or four 16-bit): they must not be correlated
     pairs = keep.view(-1)[: n - 1].view(-1, 2).float()
     assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 5 / (n / 2) ** 0.5
 
