@@ -201,7 +201,7 @@ def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
     family = preset.split("-")[0]
     assert {line.rsplit(" x", 1)[0] for line in switched} == {
         "t5": {"dropout", "gelu_new", "gated-GELU feed-forward", "RMSNorm", "attention"},
-        "gpt2": {"dropout", "gelu_new", "attention"}, "bart": {"attention"},  # BART: functional dropout
+        "gpt2": {"dropout", "gelu_new", "attention"}, "bart": {"BART layer dropout", "attention"},
         "llama": {"RMSNorm"}}[family]  # Llama-style: no dropout modules, sdpa kept (no attention dropout)
     assert list(lean.state_dict()) == list(model.state_dict())  # names, adapters and checkpoints unchanged
     mask = torch.ones(3, 12, dtype=torch.long)
@@ -253,3 +253,59 @@ def test_lean_dropout_trains_with_the_models_dropout_rate():
     assert torch.allclose(dropped[dropped != 0], torch.tensor(1 / (1 - model.config.dropout_rate)))
     model.eval()
     assert torch.equal(model.encoder.dropout(x), x)
+
+
+def test_bart_layers_drop_out_where_the_stock_layers_do_and_keep_1_byte_masks(monkeypatch):
+    """BART's layers call `nn.functional.dropout`; the lean ones run the same code with peftlab's dropout. Every
+    mask of the lean run is recorded (its layers' from `keep_mask`; the embeddings' dropout, which stays
+    functional, from a recording `F.dropout`) and the stock run replays them in order: the two agree in loss and
+    gradients, so every call site, rate and scale is the same. And the lean run keeps less for backward."""
+    import peftlab.train.lean as lean_module
+
+    torch.manual_seed(0)
+    model, _ = load_model("random:bart-tiny", overrides={"dropout": 0.2, "activation_dropout": 0.3,
+                                                          "attention_dropout": 0.0})
+    lean = copy.deepcopy(model)
+    make_lean(lean)
+    assert type(lean.model.decoder.layers[0]).__name__ == "LeanBartDecoderLayer"
+    batch = {"input_ids": torch.randint(2, 500, (3, 10)), "labels": torch.randint(2, 500, (3, 6))}
+    masks = []
+    drawn = lean_module.keep_mask
+    monkeypatch.setattr(lean_module, "keep_mask", lambda *a: masks.append(drawn(*a)) or masks[-1])
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        masks.append(torch.rand(x.shape) >= p)
+        return x * masks[-1] / (1 - p)
+
+    replay = iter(masks)
+    torch_dropout = torch.nn.functional.dropout
+
+    def replaying_dropout(x, p=0.5, training=True, inplace=False):
+        return x * next(replay) / (1 - p)
+
+    saved = {}
+
+    def run(m, functional_dropout):
+        saved[m] = 0
+
+        def pack(t):
+            saved[m] += t.numel() * t.element_size()
+            return t
+        monkeypatch.setattr(torch.nn.functional, "dropout", functional_dropout)
+        m.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(**batch).loss
+        loss.backward()
+        return loss
+
+    lean_loss = run(lean, recording_dropout)
+    # tiny: 2 + 2 layers; encoder 2 hidden + 1 activation dropout per layer, decoder 3 + 1; one per embedding
+    assert len(masks) == 2 * 3 + 2 * 4 + 2
+    stock_loss = run(model, replaying_dropout)
+    assert next(replay, None) is None  # every mask used
+    torch.testing.assert_close(lean_loss, stock_loss)
+    for (name, ours), theirs in zip(lean.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, msg=name)
+    for m in (lean, model):  # torch's own dropout where each leaves it: a 4-byte mask in the stock layers
+        run(m, torch_dropout)
+    assert saved[lean] < saved[model]

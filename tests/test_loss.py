@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import example_batch, fresh_base
 
 import peftlab
-from peftlab.train.loss import chunked_cross_entropy, lm_loss, supports_chunked_loss
+from peftlab.train.loss import chunked_cross_entropy, lm_loss, softmax_, supports_chunked_loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
@@ -25,6 +25,18 @@ def test_chunked_cross_entropy_equals_plain(chunk):
     torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
     for ours, reference in zip(chunked_grads, plain_grads, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 1000), (3, 32128)])
+def test_softmax_in_place_equals_torch_softmax_bit_for_bit(shape):
+    # the chunked loss overwrites each chunk's logits with their softmax: that relies on the kernel finishing a
+    # row's reads before its writes; a kernel that did not would give other numbers here
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 30
+    logits[0, 0] = 1e4  # one dominant entry: the others underflow to 0
+    expected = torch.softmax(logits, dim=-1)
+    out = softmax_(logits)
+    assert out.data_ptr() == logits.data_ptr()
+    assert torch.equal(out, expected)
 
 
 def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients():

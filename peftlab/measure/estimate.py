@@ -121,7 +121,7 @@ def saved_step_bytes(model: nn.Module, one_example, batch_size: int, compute_los
     workspace = 2 * largest * batch_size
     if chunked_vocab:
         rows = min(CHUNK_ROWS, batch_size * int((one_example["labels"] != -100).sum()))
-        workspace = max(workspace, 2 * rows * chunked_vocab * 4)
+        workspace = max(workspace, rows * chunked_vocab * 4)  # one chunk's logits (softmax in place)
     return saved * batch_size + workspace + trainable_bytes(model)
 
 

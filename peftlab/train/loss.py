@@ -37,8 +37,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if not (want_hidden or want_weight):
                 total -= torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).sum()
             else:
-                d_logits = torch.softmax(logits, dim=-1)  # the one pass of exp (aten::exp is ~5x slower on CPU)
-                total -= log_softmax_at(logits, d_logits, y).sum()
+                target_logit, top_logit = logits.gather(1, y[:, None]), logits.amax(-1, keepdim=True)
+                d_logits = softmax_(logits)  # the one pass of exp (aten::exp is ~5x slower on CPU)
+                total -= log_softmax_at(target_logit, top_logit, d_logits).sum()
                 d_logits[torch.arange(h.shape[0]), y] -= 1  # d (summed loss) / d logits
                 d_logits = d_logits.to(h.dtype)
                 if want_hidden:
@@ -63,11 +64,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype), None, None)
 
 
-def log_softmax_at(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[i, targets[i]] from the softmax already computed: z_y - z_max + log(p_max), where
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, written over `logits` (a chunk of the vocabulary's size that is not
+    needed again): one such buffer alive instead of two. The kernels finish reading a row before writing it
+    (tests compare it with `torch.softmax` bit for bit)."""
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+
+
+def log_softmax_at(target_logit: torch.Tensor, top_logit: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[i, y_i] from the softmax already computed: z_y - z_max + log(p_max), where
     p_max >= 1 / vocabulary never underflows (p_y may: a loss of 94 is e^-94), so no second pass of exp."""
-    return (logits.gather(1, targets[:, None]) - logits.amax(-1, keepdim=True)
-            + probs.amax(-1, keepdim=True).log()).squeeze(1)
+    return (target_logit - top_logit + probs.amax(-1, keepdim=True).log()).squeeze(1)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
