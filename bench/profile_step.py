@@ -3,7 +3,7 @@
     python bench/profile_step.py [--method lora|full] [--batch 8] [--steps 3]
 
 Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile", or "Profile: full
-fine-tuning").
+fine-tuning"), and what the step's tensor memory holds at its peak (torch's memory timeline).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,17 +25,40 @@ from results import update_section  # noqa: E402
 from run import SOURCE_TOKENS, TARGET_TOKENS, make_data  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
+GRADIENT_COLUMN = 6  # torch's memory timeline export: [0, parameter, optimizer state, input, temporary,
+#                      activation, gradient, autograd detail, unknown] bytes at each time
 
 
-def build_step(method: str, batch_size: int) -> Callable[[], None]:
+@dataclass
+class Step:
     """One peftlab training step (forward, backward, fused AdamW) on random:flan-t5-small, as `peftlab train`
     runs it (lean kernels, model dropout, LoRA dropout 0.05)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: dict[str, torch.Tensor]
+
+    def __call__(self) -> None:
+        from peftlab.train.loss import lm_loss
+
+        lm_loss(self.model, self.batch).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def fixed_bytes(self) -> tuple[int, int]:
+        """Bytes of the weights and of the optimizer's state: there at every instant of a step."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        states = sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                     for t in state.values() if isinstance(t, torch.Tensor))
+        return weights, states
+
+
+def build_step(method: str, batch_size: int) -> Step:
     from peftlab.data.batching import collate
     from peftlab.methods import LoraConfig
     from peftlab.methods.inject import apply
     from peftlab.models import load_model
     from peftlab.train.lean import make_lean
-    from peftlab.train.loss import lm_loss
 
     model, tokenizer = load_model("random:flan-t5-small")
     if method == "lora":
@@ -47,14 +72,28 @@ def build_step(method: str, batch_size: int) -> Callable[[], None]:
         rows = [json.loads(line) for line in data.read_text().splitlines()]
     examples = [{"input_ids": tokenizer(r["source"])["input_ids"], "labels": tokenizer(r["target"])["input_ids"]}
                 for r in rows]
-    batch = collate(examples, tokenizer.pad_token_id)
+    return Step(model, optimizer, collate(examples, tokenizer.pad_token_id))
 
-    def step() -> None:
-        lm_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return step
+def memory_at_peak(step: Step) -> str:
+    """What the step's live tensors hold when their total peaks (one profiled step after a warm-up)."""
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:  # the memory timeline needs shapes and stacks
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.json"
+        with warnings.catch_warnings():  # deprecated in favour of CUDA memory snapshots, which see no CPU tensor
+            warnings.simplefilter("ignore", FutureWarning)
+            prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    peak = max(sizes, key=sum)
+    weights, states = step.fixed_bytes()
+    rest = sum(peak) - weights - states - peak[GRADIENT_COLUMN]
+    mib = [f"{b / 2**20:,.0f} MiB" for b in (sum(peak), weights, states, peak[GRADIENT_COLUMN], rest)]
+    return (f"Live tensors at the step's peak: {mib[0]} = weights {mib[1]} + optimizer state {mib[2]} + gradients "
+            f"{mib[3]} + activations and temporaries {mib[4]} (torch's memory timeline; the process's peak RSS "
+            "adds what is not a tensor: the interpreter, the imported libraries and the allocator's slack).")
 
 
 def profiled(step: Callable[[], None], steps: int) -> profile:
@@ -78,15 +117,18 @@ def main() -> None:
     p.add_argument("--method", choices=["lora", "full"], default="lora")
     args = p.parse_args()
 
-    prof = profiled(build_step(args.method, args.batch), args.steps)
+    step = build_step(args.method, args.batch)
+    prof = profiled(step, args.steps)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
     print(table)
+    memory = memory_at_peak(step)
+    print(memory)
     what = "LoRA r=8 on q,v" if args.method == "lora" else "full fine-tuning"
     update_section("Profile" if args.method == "lora" else "Profile: full fine-tuning",
                    f"`python bench/profile_step.py --method {args.method} --batch {args.batch} --steps {args.steps}`: "
                    f"peftlab {what}, random:flan-t5-small, {SOURCE_TOKENS}+{TARGET_TOKENS} tokens, batch "
                    f"{args.batch}, {args.steps} steps, top {args.top} operators by self CPU time.\n\n"
-                   f"```\n{table}\n```")
+                   f"```\n{table}\n```\n\n{memory}")
 
 
 if __name__ == "__main__":

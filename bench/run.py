@@ -70,7 +70,9 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, drop
         "run.logging_steps": 1, "run.output": str(out), "run.eval_before": False, "run.seed": 0,
     })
     result = train(config, progress=False)
-    return {"step_times": [r["step_time_s"] for r in result.logs], "losses": [r["loss"] for r in result.logs]}
+    before_model = json.loads((out / "results.json").read_text())["baseline_memory_mb"]
+    return {"step_times": [r["step_time_s"] for r in result.logs], "losses": [r["loss"] for r in result.logs],
+            "before_model_mb": before_model}
 
 
 def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, checkpointing: bool) -> dict:
@@ -80,6 +82,7 @@ def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: 
 
     from peftlab.models import load_model
 
+    before_model = peak_rss_mb()
     model, tokenizer = load_model("random:flan-t5-small", overrides=None if dropout else {"dropout_rate": 0.0})
     if checkpointing:
         model.enable_input_require_grads()  # peft's documented recipe: the frozen embeddings' output needs grad
@@ -111,7 +114,7 @@ def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: 
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), callbacks=[Timer()])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_times": times, "losses": losses}
+    return {"step_times": times, "losses": losses, "before_model_mb": before_model}
 
 
 def matmul_gflops() -> float:
@@ -309,6 +312,13 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
               "measured above (the step's FLOPs / peak, over peft's step time), and how much of the time target's "
               "budget peftlab's matrix products alone use (self time of mm, bmm and addmm in one profiled step, "
               "`bench/profile_step.py`): " + "; ".join(floors) + "."]
+    above = [f"{m} b{b}: {o['before_model_mb']:.0f} / {t['before_model_mb']:.0f} MB, the rest "
+             f"{(o['peak_rss_mb'] - o['before_model_mb']) / (t['peak_rss_mb'] - t['before_model_mb']):.2f}"
+             for m, b, o, t in rows]
+    lines += ["", "Peak RSS before the model loads (the interpreter and the imported libraries: torch, transformers, "
+              "datasets; peft and the Trainer's on their side), peftlab / peft, and the memory ratio of what each "
+              "peak holds above it: " + "; ".join(above) + ". `python bench/profile_step.py` splits peftlab's "
+              "live tensors at the peak into weights, optimizer state, gradients and the rest."]
     plain_peft = {(m, b): theirs["peak_rss_mb"] for m, b, _, theirs in rows}
     against_plain = [f"{m} batch {b}: {ours['peak_rss_mb'] / plain_peft[m.removesuffix('+gc'), b]:.2f}"
                      for m, b, ours, _ in rows if m.endswith("+gc") and (m.removesuffix("+gc"), b) in plain_peft]

@@ -118,3 +118,22 @@ def test_shards_cover_each_micro_batch_once():
         parts = [distributed.shard(indices, w) for w in worlds]
         assert sorted(i for part, real in parts if real for i in part) == indices
         assert [real for _, real in parts] == [True, True, len(indices) > 2]
+
+
+def test_leaving_waits_for_the_others_only_after_a_finished_run(monkeypatch):
+    # a finished run collects its garbage (FSDP's cycles hold gloo work that aborts the process if freed at
+    # exit) and meets the others before tearing down; a failed one leaves at once (the others may be stuck)
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    world = distributed.World(rank=1, size=2, strategy="fsdp")
+    distributed.stop(world)
+    assert calls == ["collect", "barrier", "destroy"]
+    calls.clear()
+    distributed.stop(world, finished=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    distributed.stop(distributed.SINGLE)
+    assert calls == []

@@ -71,6 +71,12 @@ def test_forward_and_gradients_equal_peft(preset, config):
 MERGE_CASES = [0, 2, 6, 9]
 
 
+def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Merged weights (W + BA) x round differently from W x + B A x: up to ~4e-6 of the largest logit over
+    seeds here (t5-tiny's reach ~31). A wrong merge is off by the adapter's delta: 0.3-0.9 of it here."""
+    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("preset,config", [CASES[i] for i in MERGE_CASES], ids=[IDS[i] for i in MERGE_CASES])
 def test_merge_equals_unmerged_and_peft(preset, config):
     ours, theirs, tokenizer = both(preset, **config)
@@ -78,15 +84,15 @@ def test_merge_equals_unmerged_and_peft(preset, config):
     with torch.no_grad():
         unmerged = ours(**batch).logits
         peftlab.merge(ours)
-        torch.testing.assert_close(ours(**batch).logits, unmerged, atol=1e-5, rtol=1e-4)
+        assert_close_to_rounding(ours(**batch).logits, unmerged)
         peftlab.unmerge(ours)
-        torch.testing.assert_close(ours(**batch).logits, unmerged, atol=1e-5, rtol=1e-4)
+        assert_close_to_rounding(ours(**batch).logits, unmerged)
         plain_ours = peftlab.merge_and_unload(ours)
         plain_theirs = theirs.merge_and_unload()
         assert not any(isinstance(m, peftlab.methods.LoraLayer) for m in plain_ours.modules())
         assert set(plain_ours.state_dict()) == set(plain_theirs.state_dict())
         torch.testing.assert_close(plain_ours(**batch).logits, plain_theirs(**batch).logits, atol=1e-6, rtol=0)
-        torch.testing.assert_close(plain_ours(**batch).logits, unmerged, atol=1e-5, rtol=1e-4)
+        assert_close_to_rounding(plain_ours(**batch).logits, unmerged)
 
 
 def test_seed_trainable_lines_exact():

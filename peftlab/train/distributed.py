@@ -8,6 +8,7 @@ averaged gradient equals the single-process gradient of the whole micro-batch. O
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -67,8 +68,15 @@ def start(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def stop(world: World) -> None:
+def stop(world: World, finished: bool = True) -> None:
+    """Leave the process group. After a finished run, first drop the run's garbage (FSDP's modules sit in
+    reference cycles holding gloo work: freed during interpreter exit, after the group is gone, they abort
+    the process) and wait for every process, so none tears the group down while another still uses it. After
+    a failure, leave at once: the others may be stuck in a collective."""
     if world.distributed and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 

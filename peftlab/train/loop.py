@@ -93,9 +93,12 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
     device = distributed.start(world, setup.resolve_device(cfg.run.device))
     try:
         with quiet:
-            return _train(cfg, world, device, progress if world.is_main else False)
-    finally:
-        distributed.stop(world)
+            result = _train(cfg, world, device, progress if world.is_main else False)
+    except BaseException:
+        distributed.stop(world, finished=False)
+        raise
+    distributed.stop(world)
+    return result
 
 
 def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
