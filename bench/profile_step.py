@@ -3,7 +3,9 @@
     python bench/profile_step.py [--method lora|full] [--batch 8] [--steps 3]
 
 Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile", or "Profile: full
-fine-tuning"), and what the step's tensor memory holds at its peak (torch's memory timeline).
+fine-tuning"), and what the step's tensor memory holds at its peak (torch's memory timeline). Runs on the
+allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed): on glibc's malloc every
+tensor over 32 MB is fresh pages, and their faults land in whichever operator touches them first.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ def matmul_seconds_per_step(prof: profile, steps: int) -> float:
 
 
 def main() -> None:
+    from peftlab.train.allocator import allocator_in_use, reexec_with_allocator
+
+    reexec_with_allocator()  # profile what `peftlab train` runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
@@ -127,7 +132,8 @@ def main() -> None:
     update_section("Profile" if args.method == "lora" else "Profile: full fine-tuning",
                    f"`python bench/profile_step.py --method {args.method} --batch {args.batch} --steps {args.steps}`: "
                    f"peftlab {what}, random:flan-t5-small, {SOURCE_TOKENS}+{TARGET_TOKENS} tokens, batch "
-                   f"{args.batch}, {args.steps} steps, top {args.top} operators by self CPU time.\n\n"
+                   f"{args.batch}, {args.steps} steps, top {args.top} operators by self CPU time; allocator "
+                   f"{allocator_in_use()}.\n\n"
                    f"```\n{table}\n```\n\n{memory}")
 
 
