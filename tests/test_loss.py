@@ -64,6 +64,21 @@ def test_trainable_head_gradient_under_bf16_autocast_stays_float32_and_close():
     torch.testing.assert_close(ours, reference, atol=2e-3, rtol=2e-2)
 
 
+def test_head_gradient_under_bf16_autocast_does_not_depend_on_the_chunking():
+    # every chunk's product for the head's gradient runs in the weight's dtype, the first one too: one chunk
+    # and five agree to float32 summation order (a bf16 product in any chunk would be ~1e-2 off)
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(40, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 50, (40,), generator=generator)
+    grads = []
+    for chunk in (40, 8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+        grads.append(torch.autograd.grad(loss, weight)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 def test_loss_is_exact_where_the_target_probability_underflows():
     """Logits far apart (untrained T5 starts near a loss of 94: p_target ~ e^-94, below float32's range): the
     loss taken from the softmax must still match float64 log-softmax, not read log(0)."""

@@ -44,11 +44,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 d_logits = d_logits.to(h.dtype)
                 if want_hidden:
                     grad_hidden[start:start + chunk] = d_logits @ weight
-                if want_weight:  # in the weight's dtype, in place: no zero fill, no temporary per chunk
+                if want_weight:  # in the weight's dtype for every chunk (autocast leaves out= products
+                    # alone), in place: no zero fill, no temporary per chunk
+                    d_logits_t, h_w = d_logits.T.to(weight.dtype), h.to(weight.dtype)
                     if grad_weight is None:
-                        grad_weight = (d_logits.T @ h).to(weight.dtype)
+                        grad_weight = torch.mm(d_logits_t, h_w, out=torch.empty_like(weight))
                     else:
-                        grad_weight.addmm_(d_logits.T.to(weight.dtype), h.to(weight.dtype))
+                        grad_weight.addmm_(d_logits_t, h_w)
         if want_weight and grad_weight is None:  # no position carried a label
             grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
