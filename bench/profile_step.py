@@ -47,13 +47,6 @@ class Step:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def fixed_bytes(self) -> tuple[int, int]:
-        """Bytes of the weights and of the optimizer's state: there at every instant of a step."""
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        states = sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
-                     for t in state.values() if isinstance(t, torch.Tensor))
-        return weights, states
-
 
 def build_step(method: str, batch_size: int) -> Step:
     from peftlab.data.batching import collate
@@ -90,7 +83,9 @@ def memory_at_peak(step: Step) -> str:
             prof.export_memory_timeline(str(path), device="cpu")
         _, sizes = json.loads(path.read_text())
     peak = max(sizes, key=sum)
-    weights, states = step.fixed_bytes()
+    from peftlab.measure.estimate import optimizer_bytes, weight_bytes
+
+    weights, states = weight_bytes(step.model), optimizer_bytes(step.optimizer)  # there at every instant
     rest = sum(peak) - weights - states - peak[GRADIENT_COLUMN]
     mib = [f"{b / 2**20:,.0f} MiB" for b in (sum(peak), weights, states, peak[GRADIENT_COLUMN], rest)]
     return (f"Live tensors at the step's peak: {mib[0]} = weights {mib[1]} + optimizer state {mib[2]} + gradients "
