@@ -41,9 +41,9 @@ class Step:
     batch: dict[str, torch.Tensor]
 
     def __call__(self) -> None:
-        from peftlab.train.loss import lm_loss
+        from peftlab.train.loss import training_loss
 
-        lm_loss(self.model, self.batch).backward()
+        training_loss(self.model)(self.model, self.batch).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

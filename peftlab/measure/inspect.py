@@ -17,7 +17,7 @@ from peftlab.methods.inject import LINEAR_TYPES, MethodConfig, apply, linear_mod
 from peftlab.methods.qlora import quantization_report, quantized_layers
 from peftlab.models import load_model
 from peftlab.train.lean import make_lean
-from peftlab.train.loss import lm_loss, supports_chunked_loss
+from peftlab.train.loss import supports_chunked_loss, training_loss
 
 
 def _method_config(model: nn.Module, method: MethodConfig | str | None, fields: dict | None) -> MethodConfig | None:
@@ -80,7 +80,7 @@ def estimate_memory(name: str, method: MethodConfig | str | None = None, task: s
         make_lean(model)
     example = _example(model, source_len, target_len)
     chunked = supports_chunked_loss(model) and example["labels"].dim() == 2
-    parts = estimate_parts(model, example, batch_size, lm_loss if chunked else (lambda m, b: m(**b).loss),
+    parts = estimate_parts(model, example, batch_size, training_loss(model, chunked),
                            model.config.vocab_size if chunked else None)
     what = config.method.upper() if config is not None else "full fine-tuning"
     return (f"estimated peak training memory, {what}, batch {batch_size}, {source_len} source / {target_len} target "

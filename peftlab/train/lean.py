@@ -17,6 +17,11 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
   that keeps q, k, v and the 1-byte dropout mask and recomputes the probabilities in backward (the stock
   paths keep the probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
 
+Under `recomputing()` (the training loss runs inside it) backward also keeps no tensor that is cheap to
+recompute from what it keeps anyway: the normalised x that RMSNorm hands to q, k, v (or to LoRA) and to the
+feed-forward, and T5's dropout(GELU(gate) * up) that `wo` needs for its weight gradient. Each is rebuilt,
+bit for bit, when backward reads it.
+
 Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
 """
 
@@ -26,6 +31,8 @@ import inspect
 import math
 import types
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -102,12 +109,85 @@ class MaskedScale(torch.autograd.Function):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout` with a cheaper mask: zero each entry with probability p, scale the rest by 1 / (1 - p)."""
+    """`F.dropout` with a cheaper mask: zero each entry with probability p, scale the rest by 1 / (1 - p).
+    The dropout of a `recomputable` tensor is recomputable too (from its recipe and the mask)."""
     if not training or p == 0:
         return x
     if p == 1:
         return x * 0
-    return MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1 / (1 - p))
+    keep = keep_mask(x.shape, p, x.device)
+    out = MaskedScale.apply(x, keep, 1 / (1 - p))
+    return recomputable(out, masked_scale, (x, keep), 1 / (1 - p)) if _recipe_of(x) is not None else out
+
+RECIPE = "_peftlab_recipe"  # attribute of a tensor that can be recomputed: (Recipe, the tensor's version)
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """compute(*inputs, *args), where each input is a tensor backward keeps anyway (checked against the version
+    it had, as autograd checks what it saved) or another Recipe."""
+
+    compute: Callable[..., torch.Tensor]
+    inputs: tuple
+    versions: tuple
+    args: tuple = ()
+
+    def __call__(self) -> torch.Tensor:
+        values = []
+        for x, version in zip(self.inputs, self.versions, strict=True):
+            if isinstance(x, Recipe):
+                x = x()
+            elif x._version != version:
+                raise RuntimeError("a tensor needed to recompute a saved activation was modified in place "
+                                   "after the forward pass: run backward before changing it")
+            values.append(x)
+        with torch.autocast(values[0].device.type, enabled=False):  # as computed in the forward pass
+            return self.compute(*values, *self.args)
+
+
+def recomputable(out: torch.Tensor, compute: Callable[..., torch.Tensor], inputs: tuple, *args) -> torch.Tensor:
+    """Mark `out` as compute(*inputs, *args) for `recomputing()`; returns `out`. Inputs that are themselves
+    marked enter as their recipes, so marking holds no tensor that the graph would not keep anyway."""
+    parts = tuple(_recipe_of(x) or x for x in inputs)
+    versions = tuple(None if isinstance(x, Recipe) else x._version for x in parts)
+    setattr(out, RECIPE, (Recipe(compute, parts, versions, args), out._version))
+    return out
+
+
+def _recipe_of(t: torch.Tensor) -> Recipe | None:
+    marked = getattr(t, RECIPE, None)
+    return marked[0] if marked is not None and marked[1] == t._version else None  # not after an in-place change
+
+
+@dataclass(frozen=True, eq=False)
+class _Recomputed:
+    """What backward keeps for a marked tensor (or a view of one): the recipe and the view's geometry."""
+
+    recipe: Recipe
+    view: tuple[torch.Size, tuple[int, ...], int] | None
+
+
+def _pack(t: torch.Tensor):
+    base = t if t._base is None else t._base
+    recipe = _recipe_of(base)
+    if recipe is None or base.dtype != t.dtype:
+        return t
+    return _Recomputed(recipe, None if base is t else (t.shape, t.stride(), t.storage_offset()))
+
+
+def _unpack(saved) -> torch.Tensor:
+    if not isinstance(saved, _Recomputed):
+        return saved
+    value = saved.recipe()
+    return value if saved.view is None else value.as_strided(*saved.view)
+
+
+def recomputing() -> torch.autograd.graph.saved_tensors_hooks:
+    """Inside, autograd keeps the recipe of a tensor that a lean module marked `recomputable` instead of the
+    tensor, and recomputes it when backward needs it. Harmless where nothing is marked; gradient
+    checkpointing's own hooks take over inside a checkpointed block."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
 
 
 class LeanDropout(nn.Dropout):
@@ -149,13 +229,17 @@ class LeanTanhGELU(NewGELUActivation):
         return F.gelu(x, approximate="tanh")
 
 
+def gated_gelu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class GatedGELU(torch.autograd.Function):
     """gelu_tanh(gate) * up, saving gate and up only."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.gelu(gate, approximate="tanh") * up
+        return gated_gelu(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -170,8 +254,9 @@ class LeanT5GatedFF(T5DenseGatedActDense):
     """T5's gated-GELU feed-forward with the GELU and the gate fused (its dtype rule for `wo` kept)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = GatedGELU.apply(self.wi_0(hidden_states), self.wi_1(hidden_states))
-        hidden_states = self.dropout(hidden_states)
+        gate, up = self.wi_0(hidden_states), self.wi_1(hidden_states)
+        hidden_states = recomputable(GatedGELU.apply(gate, up), gated_gelu, (gate, up))
+        hidden_states = self.dropout(hidden_states)  # recomputable too: what `wo` keeps for its weight gradient
         weight = self.wo.weight
         if isinstance(weight, torch.Tensor) and hidden_states.dtype != weight.dtype and weight.dtype != torch.int8:
             hidden_states = hidden_states.to(weight.dtype)
@@ -182,19 +267,31 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def rms_normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, normed_dtype: torch.dtype) -> torch.Tensor:
+    return weight * (_at_least_fp32(x) * rstd).to(normed_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, normed_dtype: torch.dtype) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)) through `RMSNorm`, the output marked `recomputable` from what that
+    keeps for backward."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # RMSNorm's backward covers rstd's part
+        xf = _at_least_fp32(x)
+        rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf, dim=-1).unsqueeze(-1) / x.shape[-1] + eps)
+    return recomputable(RMSNorm.apply(x, weight, rstd, normed_dtype), rms_normed, (x, weight, rstd), normed_dtype)
+
+
 class RMSNorm(torch.autograd.Function):
-    """weight * (x / sqrt(mean(x^2) + eps)), the statistics in fp32, the normalised x cast to `normed_dtype`
-    before the weight (T5's and Llama's RMSNorm). Saves x and 1/rms; backward recomputes the normalised x
-    (stock autograd keeps it too when the weight trains) in four passes over x instead of about ten."""
+    """weight * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps) given (`rms_norm` computes it), the statistics in
+    fp32, the normalised x cast to `normed_dtype` before the weight (T5's and Llama's RMSNorm). Saves x and
+    rstd; backward differentiates through rstd too and recomputes the normalised x (stock autograd keeps it
+    when the weight trains), in four passes over x instead of about ten."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, normed_dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, normed_dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):
-            xf = _at_least_fp32(x)
-            rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf, dim=-1).unsqueeze(-1) / x.shape[-1] + eps)
             ctx.save_for_backward(x, weight, rstd)
             ctx.normed_dtype = normed_dtype
-            return weight * (xf * rstd).to(normed_dtype)
+            return rms_normed(x, weight, rstd, normed_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -217,15 +314,14 @@ class LeanT5LayerNorm(T5LayerNorm):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         half = self.weight.dtype in (torch.float16, torch.bfloat16)
-        return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon,
-                             self.weight.dtype if half else torch.float32)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.weight.dtype if half else torch.float32)
 
 
 class LeanLlamaRMSNorm(LlamaRMSNorm):
     """Llama's RMSNorm as one function (the normalised x goes back to the input's dtype)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, hidden_states.dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, hidden_states.dtype)
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -27,7 +27,7 @@ from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
 from peftlab.train.lean import make_lean
-from peftlab.train.loss import lm_loss, supports_chunked_loss
+from peftlab.train.loss import training_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.state import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
@@ -218,9 +218,8 @@ def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:
 
 
 def _loss_function(cfg: TrainConfig, model, task: str, world: World):
-    chunked = (cfg.run.chunked_loss and task != "classification" and supports_chunked_loss(model)
-               and world.strategy != "fsdp")  # the chunked loss reads lm_head's weight outside FSDP's forward
-    return lm_loss if chunked else (lambda m, b: m(**b).loss)
+    # the chunked loss reads lm_head's weight outside FSDP's forward
+    return training_loss(model, cfg.run.chunked_loss and task != "classification" and world.strategy != "fsdp")
 
 
 def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World) -> None:

@@ -10,11 +10,13 @@ gradient as it goes, keeping only that (the size of the hidden states). Same mat
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from peftlab.data.tasks import IGNORE_INDEX
+from peftlab.train.lean import recomputing
 
 CHUNK_ROWS = 256
 SUPPORTED = ("t5", "mt5", "gpt2", "llama", "mistral", "qwen2")  # lm_head output is the logits, nothing added
@@ -115,3 +117,19 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if not model.config.is_encoder_decoder:  # position t predicts token t + 1
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     return chunked_cross_entropy(hidden, head.weight, labels)
+
+
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss the model itself returns for a batch with labels."""
+    return model(**batch).loss
+
+
+def training_loss(model: nn.Module, chunked: bool = True) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """The loss a training step backpropagates: `lm_loss` where `chunked` and the model supports it, else the
+    model's own; its forward runs under `lean.recomputing()`."""
+    compute = lm_loss if chunked and supports_chunked_loss(model) else model_loss
+
+    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with recomputing():
+            return compute(m, batch)
+    return loss
