@@ -28,6 +28,7 @@ from pathlib import Path
 
 SOURCE_TOKENS, TARGET_TOKENS = 128, 64
 TIME_TARGETS = {"lora": 0.5, "full": 0.7}  # the issue's headline step-time ratios
+MEMORY_TARGETS = {"lora": 0.5, "full": 0.7}  # and peak-memory ratios
 # what `make bench` runs (the defaults below)
 DEFAULTS = {"methods": "lora,full,lora+gc", "batches": "8,32", "steps": 8, "trajectory_steps": 20, "repeats": 1}
 HERE = Path(__file__).resolve().parent
@@ -133,11 +134,18 @@ def matmul_gflops() -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.tool == "matmuls":  # how long peftlab's step spends in matrix products alone (profiled)
+    if args.tool == "floor":  # what no faster kernel or leaner allocator changes: see write_results
         from profile_step import build_step, matmul_seconds_per_step, profiled
 
-        prof = profiled(build_step(args.method, args.batch), steps=1)
-        print("RESULT " + json.dumps({"matmul_s": matmul_seconds_per_step(prof, steps=1)}))
+        from peftlab.measure.estimate import optimizer_bytes, saved_for_backward, weight_bytes
+        from peftlab.train.loss import training_loss
+
+        step = build_step(args.method, args.batch)
+        prof = profiled(step, steps=1)  # AdamW's state exists from here on
+        kept, _ = saved_for_backward(step.model, step.batch, training_loss(step.model))
+        print("RESULT " + json.dumps({"matmul_s": matmul_seconds_per_step(prof, steps=1), "kept_mb": kept / 2**20,
+                                      "weights_mb": weight_bytes(step.model) / 2**20,
+                                      "optimizer_mb": optimizer_bytes(step.optimizer) / 2**20}))
         return
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,7 +269,7 @@ def main() -> None:
                 ours, theirs = (median_run([pair[i] for pair in pairs]) for i in (0, 1))
                 ours["time_ratios"] = sorted(a["median_step_s"] / b["median_step_s"] for a, b in pairs)
                 if method in TIME_TARGETS:
-                    ours["matmul_s"] = run_child("matmuls", method, batch, 1, data)["matmul_s"]
+                    ours["floor"] = run_child("floor", method, batch, 1, data)
                 rows.append((method, batch, ours, theirs))
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
@@ -274,6 +282,26 @@ def main() -> None:
                         for tool in ("peftlab", "hf")]
                 trajectories.append((method, *pair))
     write_results(Path(args.output), rows, trajectories, same_allocator, peak, flops, args)
+
+
+def memory_floor_line(rows) -> str:
+    """What peftlab's peak RSS cannot go below without recomputing more (gradient checkpointing): the process
+    before the model, the weights, AdamW's state and what backward keeps, all alive at the end of the forward
+    pass; against peft's peak and the issue's target."""
+    floors = []
+    for method, batch, ours, theirs in rows:
+        if "floor" not in ours:
+            continue
+        f = ours["floor"]
+        total = ours["before_model_mb"] + f["weights_mb"] + f["optimizer_mb"] + f["kept_mb"]
+        floors.append(f"{method} b{batch}: {ours['before_model_mb']:.0f} + {f['weights_mb']:.0f} + "
+                      f"{f['optimizer_mb']:.0f} + {f['kept_mb']:.0f} = {total:,.0f} MB, "
+                      f"{total / theirs['peak_rss_mb']:.2f} of peft's peak (target {MEMORY_TARGETS[method]}; "
+                      f"peftlab's peak {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f})")
+    return ("Memory floor: the peak RSS peftlab cannot go below without recomputing more (gradient "
+            "checkpointing, the extra rows): its RSS before the model + weights + AdamW state + what backward "
+            "keeps (saved-tensor hooks, one forward pass; `lean.recomputing()` already applied), all alive when "
+            "the forward pass ends: " + "; ".join(floors) + ".")
 
 
 def write_results(path: Path, rows, trajectories, same_allocator, peak: float, flops: dict, args) -> None:
@@ -309,13 +337,15 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
         if target:
             budget = target * theirs["median_step_s"]
             needs = (f" (the {target} target allows {budget:.2f} s: {at_peak / budget:.0%} of peak over the whole "
-                     f"step; our matrix products alone take {ours['matmul_s']:.2f} s, {ours['matmul_s'] / budget:.0%}"
+                     f"step; our matrix products alone take {ours['floor']['matmul_s']:.2f} s, "
+                     f"{ours['floor']['matmul_s'] / budget:.0%}"
                      " of it)")
         floors.append(f"{method} b{batch}: {at_peak / theirs['median_step_s']:.2f}{needs}")
     lines += ["", "Floor: the time ratio peftlab would reach if every FLOP of its step ran at the matmul peak "
               "measured above (the step's FLOPs / peak, over peft's step time), and how much of the time target's "
               "budget peftlab's matrix products alone use (self time of mm, bmm and addmm in one profiled step, "
               "`bench/profile_step.py`): " + "; ".join(floors) + "."]
+    lines += ["", memory_floor_line(rows)]
     above = [f"{m} b{b}: {o['before_model_mb']:.0f} / {t['before_model_mb']:.0f} MB, the rest "
              f"{(o['peak_rss_mb'] - o['before_model_mb']) / (t['peak_rss_mb'] - t['before_model_mb']):.2f}"
              for m, b, o, t in rows]

@@ -15,7 +15,8 @@ from peftlab.cli import main
 from peftlab.measure.estimate import saved_for_backward, saved_step_bytes, trainable_bytes, weight_bytes
 from peftlab.measure.inspect import checkpoint_bytes, estimate_memory
 from peftlab.methods import LoraConfig
-from peftlab.train.loss import lm_loss
+from peftlab.train.lean import make_lean
+from peftlab.train.loss import lm_loss, training_loss
 
 
 def test_saved_activations_counted_once_and_without_weights():
@@ -70,3 +71,25 @@ def test_inspect_estimate_and_checkpoint_size(tmp_path, capsys):
     save_model(model, str(tmp_path / "model.safetensors"))
     assert checkpoint_bytes(str(tmp_path), model) == (tmp_path / "model.safetensors").stat().st_size
     assert checkpoint_bytes("random:t5-tiny", model) == (tmp_path / "model.safetensors").stat().st_size
+
+
+def test_saved_activations_leave_out_what_backward_recomputes():
+    model = peftlab.load_model("random:t5-tiny")[0].requires_grad_(True).train()
+    make_lean(model)
+    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    plain = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            plain[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        lm_loss(model, batch)
+    saved, _ = saved_for_backward(model, batch, training_loss(model))
+    assert saved == saved_for_backward(model, batch, lm_loss)[0]  # counted under recomputing() either way
+    d, d_ff, source, target = model.config.d_model, model.config.d_ff, 3 * 12, 3 * 6
+    # per layer the normalised x of each norm and `wo`'s input; the encoder's output, which cross-attention reads
+    recomputed = 2 * (2 * source * d + source * d_ff) + 2 * (3 * target * d + target * d_ff) + source * d
+    assert sum(plain.values()) - saved == 4 * recomputed

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from peftlab.measure.memory import peak_rss_bytes
+from peftlab.train.lean import observing_kept, recomputing
 from peftlab.train.loss import CHUNK_ROWS
 
 MB = 2**20
@@ -83,17 +84,17 @@ def measured_parts(peak_above_baseline: float, model: nn.Module, optimizer: torc
 
 
 def saved_for_backward(model: nn.Module, batch: dict[str, torch.Tensor], compute_loss) -> tuple[int, int]:
-    """(bytes autograd keeps for backward, largest such tensor) for one forward pass; weights excluded."""
+    """(bytes autograd keeps for backward, largest such tensor) for one forward pass; weights excluded, and
+    what `lean.recomputing()` rebuilds in backward instead of keeping."""
     weights = {_storage(p)[0] for p in model.parameters()}
     saved: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def count(t: torch.Tensor) -> None:
         ptr, nbytes = _storage(t)
         if ptr not in weights and ptr != 0:
             saved[ptr] = nbytes
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with observing_kept(count), recomputing():
         compute_loss(model, batch)
     return sum(saved.values()), max(saved.values(), default=0)
 

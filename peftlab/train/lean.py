@@ -27,6 +27,7 @@ Each is tested against the module it replaces (outputs and gradients, with the s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import types
@@ -167,10 +168,26 @@ class _Recomputed:
     view: tuple[torch.Size, tuple[int, ...], int] | None
 
 
+_kept_observers: list[Callable[[torch.Tensor], None]] = []
+
+
+@contextlib.contextmanager
+def observing_kept(observe: Callable[[torch.Tensor], None]):
+    """Inside, `recomputing()` hands `observe` each tensor that backward keeps as it is (what a count of saved
+    activations counts: a recipe's inputs are among them)."""
+    _kept_observers.append(observe)
+    try:
+        yield
+    finally:
+        _kept_observers.remove(observe)
+
+
 def _pack(t: torch.Tensor):
     base = t if t._base is None else t._base
     recipe = _recipe_of(base)
     if recipe is None or base.dtype != t.dtype:
+        for observe in _kept_observers:
+            observe(t)
         return t
     return _Recomputed(recipe, None if base is t else (t.shape, t.stride(), t.storage_offset()))
 
