@@ -300,7 +300,7 @@ def memory_floor_line(rows) -> str:
                       f"peftlab's peak {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f})")
     return ("Memory floor: the peak RSS peftlab cannot go below without recomputing more (gradient "
             "checkpointing, the extra rows): its RSS before the model + weights + AdamW state + what backward "
-            "keeps (saved-tensor hooks, one forward pass; `lean.recomputing()` already applied), all alive when "
+            "keeps (saved-tensor hooks, one forward pass; `recompute.recomputing()` already applied), all alive when "
             "the forward pass ends: " + "; ".join(floors) + ".")
 
 

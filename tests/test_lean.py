@@ -3,21 +3,18 @@ gradients (with the same dropout mask), the same dropout rate; a lean model's st
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import weakref
 
 import numpy as np
 import pytest
 import torch
 from transformers.activations import NewGELUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerFF, T5LayerNorm, T5LayerSelfAttention
+from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from peftlab import apply, load_model
 from peftlab.methods import build_config
-from peftlab.train import lean as lean_module
 from peftlab.train.lean import (
     BiasedAttention,
     GatedGELU,
@@ -312,104 +309,3 @@ def test_bart_layers_drop_out_where_the_stock_layers_do_and_keep_1_byte_masks(mo
     for m in (lean, model):  # torch's own dropout where each leaves it: a 4-byte mask in the stock layers
         run(m, torch_dropout)
     assert saved[lean] < saved[model]
-
-
-def lean_t5(method: str | None, preset: str = "t5-tiny"):
-    """A lean model with its dropout on (LoRA's too), or with every weight training."""
-    torch.manual_seed(0)
-    model, _ = load_model(f"random:{preset}")
-    if method:
-        apply(model, build_config(method, model_type=model.config.model_type, dropout=0.1))
-    else:
-        model.requires_grad_(True)
-    make_lean(model)
-    return model.train()
-
-
-def loss_and_grads(model, batch, context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)  # the same dropout masks for every run
-    with context:
-        loss = lm_loss(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("llama-tiny", None)])
-def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, method):
-    model = lean_t5(method, preset)
-    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
-    if not model.config.is_encoder_decoder:
-        batch["labels"] = batch["input_ids"].clone()
-    recomputed = []
-
-    def pack(t):
-        recomputed.append(isinstance(saved := lean_module._pack(t), lean_module._Recomputed))
-        return saved
-
-    loss, grads = loss_and_grads(model, batch, contextlib.nullcontext())
-    loss_again, grads_again = loss_and_grads(
-        model, batch, torch.autograd.graph.saved_tensors_hooks(pack, lean_module._unpack))
-    assert any(recomputed)
-    assert torch.equal(loss_again, loss)
-    assert grads.keys() == grads_again.keys() and len(grads) > 0
-    for name, grad in grads.items():
-        assert torch.equal(grads_again[name], grad), name
-
-
-@pytest.mark.parametrize("method", ["lora", None])
-def test_recomputing_frees_the_normalised_x_and_what_wo_reads(method):
-    """After the forward pass nothing holds RMSNorm's outputs (q, k, v, LoRA and the feed-forward read them)
-    nor, with `wo` training, its input dropout(GELU(gate) * up); without `recomputing()` the graph does."""
-    model = lean_t5(method)
-    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
-    watched = []  # (whether training keeps it without recomputing, a weak reference)
-
-    def watch(module, kept: bool):
-        return module.register_forward_hook(lambda m, args, out: watched.append((kept, weakref.ref(out))))
-
-    # with LoRA the feed-forward's norm output is read by frozen layers only, which keep nothing of it
-    sublayers = T5LayerFF | T5LayerSelfAttention | T5LayerCrossAttention
-    hooks = [watch(layer.layer_norm, method is None or not isinstance(layer, T5LayerFF))
-             for layer in model.modules() if isinstance(layer, sublayers)]
-    if method is None:
-        hooks += [m.register_forward_pre_hook(lambda m, args: watched.append((True, weakref.ref(args[0]))))
-                  for n, m in model.named_modules() if n.endswith(".wo")]
-    for context, recomputes in ((contextlib.nullcontext(), False), (lean_module.recomputing(), True)):
-        watched.clear()
-        with context:
-            loss = lm_loss(model, batch)
-        assert len(watched) == len(hooks) and any(kept for kept, _ in watched)
-        for kept, ref in watched:
-            assert (ref() is not None) == (kept and not recomputes)
-        loss.backward()
-    for hook in hooks:
-        hook.remove()
-
-
-def test_recomputing_respects_in_place_changes():
-    """A marked tensor changed in place before it is saved is kept as it is; a recipe's input changed in place
-    after the forward pass is an error, as autograd makes it for a saved tensor."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, generator=generator, requires_grad=True)
-    weight, w = torch.randn(6, generator=generator), torch.randn(6, 3, generator=generator, requires_grad=True)
-
-    def grads(context, change):
-        x.grad = w.grad = None
-        with context:
-            y = rms_norm(x * 1, weight, 1e-6, torch.float32)
-            if change:
-                y.mul_(2)
-            (y @ w).pow(2).sum().backward()
-        return x.grad.clone(), w.grad.clone()
-
-    for change in (False, True):
-        for ours, theirs in zip(grads(lean_module.recomputing(), change), grads(contextlib.nullcontext(), change),
-                                strict=True):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    with lean_module.recomputing():
-        x_in = torch.randn(4, 6, generator=generator)
-        out = (rms_norm(x_in, weight, 1e-6, torch.float32) @ w).sum()
-    x_in.add_(1)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        out.backward()

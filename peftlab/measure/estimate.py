@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from peftlab.measure.memory import peak_rss_bytes
-from peftlab.train.lean import observing_kept, recomputing
 from peftlab.train.loss import CHUNK_ROWS
+from peftlab.train.recompute import observing_kept, recomputing
 
 MB = 2**20
 CLEAR_REFS = "/proc/self/clear_refs"
@@ -85,7 +85,7 @@ def measured_parts(peak_above_baseline: float, model: nn.Module, optimizer: torc
 
 def saved_for_backward(model: nn.Module, batch: dict[str, torch.Tensor], compute_loss) -> tuple[int, int]:
     """(bytes autograd keeps for backward, largest such tensor) for one forward pass; weights excluded, and
-    what `lean.recomputing()` rebuilds in backward instead of keeping."""
+    what `recompute.recomputing()` rebuilds in backward instead of keeping."""
     weights = {_storage(p)[0] for p in model.parameters()}
     saved: dict[int, int] = {}
 

@@ -17,23 +17,20 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
   that keeps q, k, v and the 1-byte dropout mask and recomputes the probabilities in backward (the stock
   paths keep the probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
 
-Under `recomputing()` (the training loss runs inside it) backward also keeps no tensor that is cheap to
-recompute from what it keeps anyway: the normalised x that RMSNorm hands to q, k, v (or to LoRA) and to the
-feed-forward, and T5's dropout(GELU(gate) * up) that `wo` needs for its weight gradient. Each is rebuilt,
-bit for bit, when backward reads it.
+Their outputs that are cheap to rebuild from what backward keeps anyway are marked `recomputable`
+(`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
+hands to q, k, v (or to LoRA) and to the feed-forward, and T5's dropout(GELU(gate) * up) that a training
+`wo` keeps for its weight gradient.
 
 Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import types
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +43,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoderLayer
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
+
+from peftlab.train.recompute import is_recomputable, recomputable
 
 LEAN_ATTENTION = "peftlab_lean"
 NUMPY_MASK_MIN = 2**16  # mask entries; below this, seeding SFC64 costs more than it saves
@@ -118,92 +117,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x * 0
     keep = keep_mask(x.shape, p, x.device)
     out = MaskedScale.apply(x, keep, 1 / (1 - p))
-    return recomputable(out, masked_scale, (x, keep), 1 / (1 - p)) if _recipe_of(x) is not None else out
-
-RECIPE = "_peftlab_recipe"  # attribute of a tensor that can be recomputed: (Recipe, the tensor's version)
-
-
-@dataclass(frozen=True, eq=False)
-class Recipe:
-    """compute(*inputs, *args), where each input is a tensor backward keeps anyway (checked against the version
-    it had, as autograd checks what it saved) or another Recipe."""
-
-    compute: Callable[..., torch.Tensor]
-    inputs: tuple
-    versions: tuple
-    args: tuple = ()
-
-    def __call__(self) -> torch.Tensor:
-        values = []
-        for x, version in zip(self.inputs, self.versions, strict=True):
-            if isinstance(x, Recipe):
-                x = x()
-            elif x._version != version:
-                raise RuntimeError("a tensor needed to recompute a saved activation was modified in place "
-                                   "after the forward pass: run backward before changing it")
-            values.append(x)
-        with torch.autocast(values[0].device.type, enabled=False):  # as computed in the forward pass
-            return self.compute(*values, *self.args)
-
-
-def recomputable(out: torch.Tensor, compute: Callable[..., torch.Tensor], inputs: tuple, *args) -> torch.Tensor:
-    """Mark `out` as compute(*inputs, *args) for `recomputing()`; returns `out`. Inputs that are themselves
-    marked enter as their recipes, so marking holds no tensor that the graph would not keep anyway."""
-    parts = tuple(_recipe_of(x) or x for x in inputs)
-    versions = tuple(None if isinstance(x, Recipe) else x._version for x in parts)
-    setattr(out, RECIPE, (Recipe(compute, parts, versions, args), out._version))
-    return out
-
-
-def _recipe_of(t: torch.Tensor) -> Recipe | None:
-    marked = getattr(t, RECIPE, None)
-    return marked[0] if marked is not None and marked[1] == t._version else None  # not after an in-place change
-
-
-@dataclass(frozen=True, eq=False)
-class _Recomputed:
-    """What backward keeps for a marked tensor (or a view of one): the recipe and the view's geometry."""
-
-    recipe: Recipe
-    view: tuple[torch.Size, tuple[int, ...], int] | None
-
-
-_kept_observers: list[Callable[[torch.Tensor], None]] = []
-
-
-@contextlib.contextmanager
-def observing_kept(observe: Callable[[torch.Tensor], None]):
-    """Inside, `recomputing()` hands `observe` each tensor that backward keeps as it is (what a count of saved
-    activations counts: a recipe's inputs are among them)."""
-    _kept_observers.append(observe)
-    try:
-        yield
-    finally:
-        _kept_observers.remove(observe)
-
-
-def _pack(t: torch.Tensor):
-    base = t if t._base is None else t._base
-    recipe = _recipe_of(base)
-    if recipe is None or base.dtype != t.dtype:
-        for observe in _kept_observers:
-            observe(t)
-        return t
-    return _Recomputed(recipe, None if base is t else (t.shape, t.stride(), t.storage_offset()))
-
-
-def _unpack(saved) -> torch.Tensor:
-    if not isinstance(saved, _Recomputed):
-        return saved
-    value = saved.recipe()
-    return value if saved.view is None else value.as_strided(*saved.view)
-
-
-def recomputing() -> torch.autograd.graph.saved_tensors_hooks:
-    """Inside, autograd keeps the recipe of a tensor that a lean module marked `recomputable` instead of the
-    tensor, and recomputes it when backward needs it. Harmless where nothing is marked; gradient
-    checkpointing's own hooks take over inside a checkpointed block."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    return recomputable(out, masked_scale, (x, keep), 1 / (1 - p)) if is_recomputable(x) else out
 
 
 
@@ -285,7 +199,8 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, normed_dtype: torch.dtype) -> torch.Tensor:
-    return weight * (_at_least_fp32(x) * rstd).to(normed_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return weight * (_at_least_fp32(x) * rstd).to(normed_dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, normed_dtype: torch.dtype) -> torch.Tensor:
@@ -305,10 +220,9 @@ class RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, normed_dtype: torch.dtype):
-        with torch.autocast(x.device.type, enabled=False):
-            ctx.save_for_backward(x, weight, rstd)
-            ctx.normed_dtype = normed_dtype
-            return rms_normed(x, weight, rstd, normed_dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.normed_dtype = normed_dtype
+        return rms_normed(x, weight, rstd, normed_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

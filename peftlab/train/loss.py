@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftlab.data.tasks import IGNORE_INDEX
-from peftlab.train.lean import recomputing
+from peftlab.train.recompute import recomputing
 
 CHUNK_ROWS = 256
 SUPPORTED = ("t5", "mt5", "gpt2", "llama", "mistral", "qwen2")  # lm_head output is the logits, nothing added
@@ -126,7 +126,7 @@ def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 def training_loss(model: nn.Module, chunked: bool = True) -> Callable[[nn.Module, dict], torch.Tensor]:
     """The loss a training step backpropagates: `lm_loss` where `chunked` and the model supports it, else the
-    model's own; its forward runs under `lean.recomputing()`."""
+    model's own; its forward runs under `recompute.recomputing()`."""
     compute = lm_loss if chunked and supports_chunked_loss(model) else model_loss
 
     def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Recompute instead of keep: backward reads some activations that are cheap to rebuild, exactly, from tensors
+it keeps anyway (RMSNorm's output from x and 1/rms; T5's dropout(GELU(gate) * up) from gate, up and the
+1-byte mask). A module marks such an output `recomputable`; under `recomputing()` autograd then keeps the
+recipe in its place and runs it when backward reads the tensor. Unlike gradient checkpointing nothing runs
+twice but these elementwise recipes, and the gradients are bit for bit the same.
+
+A recipe holds only tensors that the graph keeps anyway (a marked input enters as its own recipe), checks
+their versions as autograd checks what it saved, and runs under the autocast state the forward pass had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+RECIPE = "_peftlab_recipe"  # a marked tensor's attribute: (Recipe, the tensor's version when marked)
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """compute(*inputs, *args) under the autocast state of the forward pass; each input is a tensor (with the
+    version it had) or another Recipe."""
+
+    compute: Callable[..., torch.Tensor]
+    inputs: tuple
+    versions: tuple
+    args: tuple
+    autocast: tuple[str, bool, torch.dtype]  # device type, enabled, dtype
+
+    def __call__(self) -> torch.Tensor:
+        values = []
+        for x, version in zip(self.inputs, self.versions, strict=True):
+            if isinstance(x, Recipe):
+                x = x()
+            elif x._version != version:
+                raise RuntimeError("a tensor needed to recompute a saved activation was modified in place "
+                                   "after the forward pass: run backward before changing it")
+            values.append(x)
+        device, enabled, dtype = self.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return self.compute(*values, *self.args)
+
+
+def recomputable(out: torch.Tensor, compute: Callable[..., torch.Tensor], inputs: tuple, *args) -> torch.Tensor:
+    """Mark `out`, just computed as compute(*inputs, *args), for `recomputing()`; returns `out`."""
+    parts = tuple(_recipe_of(x) or x for x in inputs)
+    versions = tuple(None if isinstance(x, Recipe) else x._version for x in parts)
+    device = out.device.type
+    autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    setattr(out, RECIPE, (Recipe(compute, parts, versions, args, autocast), out._version))
+    return out
+
+
+def is_recomputable(t: torch.Tensor) -> bool:
+    return _recipe_of(t) is not None
+
+
+def _recipe_of(t: torch.Tensor) -> Recipe | None:
+    marked = getattr(t, RECIPE, None)
+    return marked[0] if marked is not None and marked[1] == t._version else None  # not after an in-place change
+
+
+@dataclass(frozen=True, eq=False)
+class _Recomputed:
+    """What backward keeps for a marked tensor, or a view of one: the recipe and the view's geometry."""
+
+    recipe: Recipe
+    view: tuple[torch.Size, tuple[int, ...], int] | None
+
+
+_kept_observers: list[Callable[[torch.Tensor], None]] = []
+
+
+def _pack(t: torch.Tensor):
+    base = t if t._base is None else t._base
+    recipe = _recipe_of(base)
+    if recipe is None or base.dtype != t.dtype:
+        for observe in _kept_observers:
+            observe(t)
+        return t
+    return _Recomputed(recipe, None if base is t else (t.shape, t.stride(), t.storage_offset()))
+
+
+def _unpack(saved) -> torch.Tensor:
+    if not isinstance(saved, _Recomputed):
+        return saved
+    value = saved.recipe()
+    return value if saved.view is None else value.as_strided(*saved.view)
+
+
+def recomputing() -> torch.autograd.graph.saved_tensors_hooks:
+    """Inside, autograd keeps the recipe of a marked tensor instead of the tensor. Harmless where nothing is
+    marked; gradient checkpointing's own hooks take over inside a checkpointed block."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+@contextlib.contextmanager
+def observing_kept(observe: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Inside, `recomputing()` hands `observe` each tensor that backward keeps as it is: what a count of saved
+    activations counts (a recipe's inputs are among them)."""
+    _kept_observers.append(observe)
+    try:
+        yield
+    finally:
+        _kept_observers.remove(observe)
