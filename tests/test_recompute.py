@@ -136,3 +136,28 @@ def test_a_recipe_runs_under_the_autocast_state_of_its_forward_pass():
         return scale.grad
 
     assert torch.equal(grad(recomputing()), grad(contextlib.nullcontext()))
+
+
+def test_a_tensor_read_several_times_is_recomputed_once_per_backward():
+    """q, k and v (or LoRA's q and v) read one normalised x: one recomputation serves them all; a second
+    backward through a retained graph recomputes again and gets the same gradients."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=generator)
+    scales = [torch.randn(3, generator=generator, requires_grad=True) for _ in range(3)]
+    calls = []
+
+    def doubled(x):
+        calls.append(1)
+        return x * 2
+
+    with recomputing():
+        product = recompute.recomputable(doubled(a), doubled, (a,))
+        loss = sum((product * s).pow(2).sum() for s in scales)  # each `*` keeps `product`
+    calls.clear()
+    first = torch.autograd.grad(loss, scales, retain_graph=True)
+    assert len(calls) == 1
+    second = torch.autograd.grad(loss, scales)
+    expected = [2 * (a * 2 * s) * (a * 2) for s in scales]
+    for got in (first, second):
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e.sum(0))

@@ -200,7 +200,9 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def rms_normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, normed_dtype: torch.dtype) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        return weight * (_at_least_fp32(x) * rstd).to(normed_dtype)
+        normed = (_at_least_fp32(x) * rstd).to(normed_dtype)
+        # in place where the product keeps normed's dtype (one buffer, not two; the same products)
+        return normed.mul_(weight) if torch.result_type(normed, weight) == normed.dtype else weight * normed
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, normed_dtype: torch.dtype) -> torch.Tensor:

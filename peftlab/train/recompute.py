@@ -19,22 +19,32 @@ import torch
 RECIPE = "_peftlab_recipe"  # a marked tensor's attribute: (Recipe, the tensor's version when marked)
 
 
-@dataclass(frozen=True, eq=False)
 class Recipe:
     """compute(*inputs, *args) under the autocast state of the forward pass; each input is a tensor (with the
-    version it had) or another Recipe."""
+    version it had) or another Recipe. Backward may read one marked tensor several times (q, k and v read one
+    normalised x): the first read computes it, the last one drops it."""
 
-    compute: Callable[..., torch.Tensor]
-    inputs: tuple
-    versions: tuple
-    args: tuple
-    autocast: tuple[str, bool, torch.dtype]  # device type, enabled, dtype
+    def __init__(self, compute: Callable[..., torch.Tensor], inputs: tuple, versions: tuple, args: tuple,
+                 autocast: tuple[str, bool, torch.dtype]) -> None:
+        self.compute, self.inputs, self.versions, self.args = compute, inputs, versions, args
+        self.autocast = autocast  # device type, enabled, dtype
+        self.unread = 0  # saved references that backward has not read yet
+        self.value: torch.Tensor | None = None
+
+    def packed(self) -> None:
+        self.unread += 1
+
+    def read(self) -> torch.Tensor:
+        value = self.value if self.value is not None else self()
+        self.unread -= 1
+        self.value = value if self.unread > 0 else None  # a second backward (retain_graph) recomputes each read
+        return value
 
     def __call__(self) -> torch.Tensor:
         values = []
         for x, version in zip(self.inputs, self.versions, strict=True):
             if isinstance(x, Recipe):
-                x = x()
+                x = x.value if x.value is not None else x()
             elif x._version != version:
                 raise RuntimeError("a tensor needed to recompute a saved activation was modified in place "
                                    "after the forward pass: run backward before changing it")
@@ -81,13 +91,14 @@ def _pack(t: torch.Tensor):
         for observe in _kept_observers:
             observe(t)
         return t
+    recipe.packed()
     return _Recomputed(recipe, None if base is t else (t.shape, t.stride(), t.storage_offset()))
 
 
 def _unpack(saved) -> torch.Tensor:
     if not isinstance(saved, _Recomputed):
         return saved
-    value = saved.recipe()
+    value = saved.recipe.read()
     return value if saved.view is None else value.as_strided(*saved.view)
 
 
