@@ -18,7 +18,7 @@ from peftlab.train.loss import lm_loss
 from peftlab.train.recompute import recomputing
 
 
-def lean_t5(method: str | None, preset: str = "t5-tiny"):
+def lean_model(method: str | None, preset: str = "t5-tiny"):
     """A lean model with its dropout on (LoRA's too), or with every weight training."""
     torch.manual_seed(0)
     model, _ = load_model(f"random:{preset}")
@@ -43,7 +43,7 @@ def loss_and_grads(model, batch, context) -> tuple[torch.Tensor, dict[str, torch
 @pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("llama-tiny", None)])
 def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, method, bf16):
     """Also under bf16 autocast, where a recipe must run as its forward ran (GELU and the products in bf16)."""
-    model = lean_t5(method, preset)
+    model = lean_model(method, preset)
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
     if not model.config.is_encoder_decoder:
         batch["labels"] = batch["input_ids"].clone()
@@ -69,7 +69,7 @@ def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, metho
 def test_recomputing_frees_the_normalised_x_and_what_wo_reads(method):
     """After the forward pass nothing holds RMSNorm's outputs (q, k, v, LoRA and the feed-forward read them)
     nor, with `wo` training, its input dropout(GELU(gate) * up); without `recomputing()` the graph does."""
-    model = lean_t5(method)
+    model = lean_model(method)
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
     watched = []  # (whether training keeps it without recomputing, a weak reference)
 

@@ -120,7 +120,6 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return recomputable(out, masked_scale, (x, keep), 1 / (1 - p)) if is_recomputable(x) else out
 
 
-
 class LeanDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)

@@ -34,8 +34,12 @@ class Recipe:
     def packed(self) -> None:
         self.unread += 1
 
+    def current(self) -> torch.Tensor:
+        """The value a read in progress computed, else a fresh one."""
+        return self.value if self.value is not None else self()
+
     def read(self) -> torch.Tensor:
-        value = self.value if self.value is not None else self()
+        value = self.current()
         self.unread -= 1
         self.value = value if self.unread > 0 else None  # a second backward (retain_graph) recomputes each read
         return value
@@ -44,7 +48,7 @@ class Recipe:
         values = []
         for x, version in zip(self.inputs, self.versions, strict=True):
             if isinstance(x, Recipe):
-                x = x.value if x.value is not None else x()
+                x = x.current()
             elif x._version != version:
                 raise RuntimeError("a tensor needed to recompute a saved activation was modified in place "
                                    "after the forward pass: run backward before changing it")
