@@ -16,6 +16,7 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm
 from peftlab import apply, load_model
 from peftlab.methods import build_config
 from peftlab.train.lean import (
+    MASK_BLOCK,
     BiasedAttention,
     GatedGELU,
     LeanTanhGELU,
@@ -24,6 +25,7 @@ from peftlab.train.lean import (
     keep_mask,
     make_lean,
     rms_norm,
+    seeded_keep_mask,
 )
 from peftlab.train.loss import lm_loss
 
@@ -60,7 +62,7 @@ def test_16_bit_keep_mask_settles_the_straddling_value_with_64_bits(p):
     edge = math.floor(p * 2**16)
     cut = int((p * 2**16 - edge) * 2**64)
     for draw, drops in ((cut - 1, True), (cut, False)):
-        keep = keep_from_16_bits(ScriptedBits([draw]), 2**16, p)
+        keep = keep_from_16_bits(ScriptedBits([draw]), p, np.empty(2**16, dtype=bool))
         assert (~keep).sum() == edge + drops
         assert keep[edge] == (not drops) and not keep[:edge].any() and keep[edge + 1:].all()
 
@@ -72,6 +74,27 @@ def test_keep_mask_follows_torch_seed(shape):
     torch.manual_seed(5)
     assert torch.equal(keep_mask(shape, 0.5, "cpu"), first)
     assert not torch.equal(first, second)
+
+
+def test_keep_mask_is_the_same_whatever_the_thread_count():
+    """Blocks of MASK_BLOCK entries are drawn in parallel, each from its own stream: the mask depends on the
+    seed only, and the blocks are not copies of one another."""
+    shape = (3, MASK_BLOCK + 1000)  # three full blocks and a partial one
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(11)
+            masks.append(keep_mask(shape, 0.3, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    blocks = masks[0].view(-1)[: 3 * MASK_BLOCK].view(3, MASK_BLOCK)
+    assert not torch.equal(blocks[0], blocks[1]) and not torch.equal(blocks[1], blocks[2])
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    assert torch.equal(seeded_keep_mask(seed, shape, 0.3), masks[0])
 
 
 def test_dropout_zeroes_or_scales_and_its_gradient_uses_the_same_mask():

@@ -13,7 +13,7 @@ from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerFF,
 from peftlab import apply, load_model
 from peftlab.methods import build_config
 from peftlab.train import recompute
-from peftlab.train.lean import make_lean, rms_norm
+from peftlab.train.lean import NUMPY_MASK_MIN, make_lean, rms_norm
 from peftlab.train.loss import lm_loss
 from peftlab.train.recompute import recomputing
 
@@ -161,3 +161,53 @@ def test_a_tensor_read_several_times_is_recomputed_once_per_backward():
     for got in (first, second):
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e.sum(0))
+
+
+def test_a_recipe_read_by_another_recipe_first_is_computed_once():
+    """A dropout mask is saved by its dropout and is an input of the dropped-out tensor's recipe, which
+    backward reads first: that computation serves the mask's own read too."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=generator)
+    s, t = (torch.randn(3, generator=generator, requires_grad=True) for _ in range(2))
+    calls = []
+
+    def doubled(x):
+        calls.append(1)
+        return x * 2
+
+    with recomputing():
+        inner = recompute.recomputable(doubled(a), doubled, (a,))
+        outer = recompute.recomputable(inner + 1, torch.add, (inner,), 1)
+        loss = (inner * s).sum() + (outer * t).pow(2).sum()  # `outer * t` is later: its backward runs first
+    calls.clear()
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+    assert len(calls) == 1
+    torch.testing.assert_close(grad_s, (a * 2).sum(0))
+    torch.testing.assert_close(grad_t, (2 * (a * 2 + 1) ** 2 * t).sum(0))
+
+
+def test_numpy_drawn_dropout_masks_are_drawn_again_in_backward():
+    """Masks of NUMPY_MASK_MIN entries or more (every dropout of a real batch) are redrawn from their seed in
+    backward rather than kept: none of them among what backward keeps, and the loss and every gradient as
+    when they are kept."""
+    model = lean_model("lora")  # T5's dropout and LoRA's, rate 0.1 each
+    batch = {"input_ids": torch.randint(2, 500, (8, 128)), "labels": torch.randint(2, 500, (8, 128))}
+    assert batch["input_ids"].numel() * model.config.d_model >= NUMPY_MASK_MIN
+    kept, kept_plainly = {}, {}
+
+    def counter(masks: dict):
+        def count(t):
+            if t.dtype == torch.bool and t.numel() >= NUMPY_MASK_MIN:
+                masks[t.untyped_storage().data_ptr()] = t.numel()
+            return t
+        return count
+
+    plainly = torch.autograd.graph.saved_tensors_hooks(counter(kept_plainly), lambda t: t)
+    loss, grads = loss_and_grads(model, batch, plainly)
+    with recompute.observing_kept(counter(kept)):
+        loss_again, grads_again = loss_and_grads(model, batch, recomputing())
+    assert len(kept_plainly) > 0 and len(kept) == 0
+    assert torch.equal(loss_again, loss)
+    assert grads.keys() == grads_again.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.equal(grads_again[name], grad), name

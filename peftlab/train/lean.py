@@ -4,8 +4,9 @@
 or names, so state dicts, adapters and checkpoints are unchanged. What it switches:
 
 - every `nn.Dropout`: the keep mask is drawn as integers, on CPU 16-bit ones from numpy's SFC64 with the rate
-  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`), and only the 1-byte mask is kept
-  for backward.
+  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`, and in parallel blocks), and only
+  the 1-byte mask is kept for backward; under `recomputing()` not even that: backward draws it again from its
+  seed.
 - GELU(tanh) written out in Python (`gelu_new`: T5, GPT-2), which keeps four full-size tensors for backward:
   the same function as one fused kernel that keeps its input.
 - RMSNorm (T5, Llama): one function that keeps x and 1/rms, not x and the normalised x, in fewer passes.
@@ -19,8 +20,8 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
 
 Their outputs that are cheap to rebuild from what backward keeps anyway are marked `recomputable`
 (`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
-hands to q, k, v (or to LoRA) and to the feed-forward, and T5's dropout(GELU(gate) * up) that a training
-`wo` keeps for its weight gradient.
+hands to q, k, v (or to LoRA) and to the feed-forward, T5's dropout(GELU(gate) * up) that a training `wo`
+keeps for its weight gradient, and every dropout mask drawn by numpy (from its seed).
 
 Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
 """
@@ -29,8 +30,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import types
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -48,6 +51,7 @@ from peftlab.train.recompute import is_recomputable, recomputable
 
 LEAN_ATTENTION = "peftlab_lean"
 NUMPY_MASK_MIN = 2**16  # mask entries; below this, seeding SFC64 costs more than it saves
+MASK_BLOCK = 2**18  # mask entries per SFC64 stream: the unit of parallel drawing
 # model type -> (attention class, config field of its attention dropout). T5 has no fused kernel (position
 # bias: eager only); the others are switched only with attention dropout, where sdpa on CPU falls back to its
 # math path and keeps the probabilities twice; without it, sdpa's fused kernel keeps as little (and Llama-style
@@ -58,32 +62,70 @@ ATTENTION_CLASSES = {"t5": ("T5Attention", None), "mt5": ("MT5Attention", None),
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
     """A boolean mask, each entry True with probability 1 - p. Seeded from torch's generator, so
-    `torch.manual_seed` reproduces it."""
+    `torch.manual_seed` reproduces it. A mask drawn by numpy is marked `recomputable` from its seed: under
+    `recompute.recomputing()` backward draws it again rather than keeping it."""
     count = math.prod(shape)
     if torch.device(device).type == "cpu" and count >= NUMPY_MASK_MIN:
         # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this; seeding SFC64 costs
-        # ~0.1 ms, one draw from torch's generator
+        # ~10 us, one draw from torch's generator
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        with record_function("peftlab::keep_mask"):  # numpy's work is no torch operator: name it for profiles
-            return torch.from_numpy(keep_from_16_bits(np.random.SFC64(seed), count, p)).view(shape)
+        shape = tuple(shape)
+        return recomputable(seeded_keep_mask(seed, shape, p), seeded_keep_mask, (), seed, shape, p)
     threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)  # an int32 either way (p within 2^-33 of 1: keep ~0)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
     return (bits.view(torch.int32)[:count] >= threshold).view(shape)
 
 
-def keep_from_16_bits(generator: np.random.BitGenerator, count: int, p: float) -> np.ndarray:
-    """`count` booleans, each True with probability 1 - p, from four 16-bit draws per 64-bit number. The one
-    16-bit value that straddles p (1 entry in 65,536) is settled by a 64-bit draw, so the rate is p to 2^-64,
-    not rounded to 2^-16."""
+def seeded_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """The mask `keep_mask` draws from `seed`: blocks of MASK_BLOCK entries, each from its own SFC64 stream
+    ([seed, block]), drawn on torch's intra-op threads' worth of workers (numpy's draws release the GIL).
+    The same seed gives the same mask whatever the thread count."""
+    keep = np.empty(math.prod(shape), dtype=bool)
+
+    def draw(start: int) -> None:
+        keep_from_16_bits(np.random.SFC64([seed, start]), p, keep[start:start + MASK_BLOCK])
+
+    with record_function("peftlab::keep_mask"):  # numpy's work is no torch operator: name it for profiles
+        starts = range(0, keep.size, MASK_BLOCK)
+        if len(starts) == 1 or torch.get_num_threads() == 1:
+            for start in starts:
+                draw(start)
+        else:
+            list(_mask_workers().map(draw, starts))
+    return torch.from_numpy(keep.reshape(shape))  # not a view: `recomputing()` finds a mark on the base
+
+
+_workers: dict[int, ThreadPoolExecutor] = {}  # by thread count
+
+
+def _mask_workers() -> ThreadPoolExecutor:
+    count = torch.get_num_threads()
+    if count not in _workers:
+        _workers[count] = ThreadPoolExecutor(count, thread_name_prefix="peftlab-mask")
+    return _workers[count]
+
+
+def _forget_workers() -> None:
+    _workers.clear()  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_workers)
+
+
+def keep_from_16_bits(generator: np.random.BitGenerator, p: float, out: np.ndarray) -> np.ndarray:
+    """Fill `out` with booleans, each True with probability 1 - p, from four 16-bit draws per 64-bit number.
+    The one 16-bit value that straddles p (1 entry in 65,536) is settled by a 64-bit draw, so the rate is p
+    to 2^-64, not rounded to 2^-16."""
     edge = math.floor(p * 2**16)  # 16-bit values below it drop; the value equal to it drops with the remainder
     if edge >= 2**16:
-        return np.zeros(count, dtype=bool)
-    bits = generator.random_raw((count + 3) // 4).view(np.uint16)[:count]
-    keep = bits > edge
+        out[:] = False
+        return out
+    bits = generator.random_raw((out.size + 3) // 4).view(np.uint16)[:out.size]
+    np.greater(bits, edge, out=out)
     ties = np.flatnonzero(bits == edge)
     if ties.size:
-        keep[ties] = generator.random_raw(ties.size) >= np.uint64(int((p * 2**16 - edge) * 2**64))
-    return keep
+        out[ties] = generator.random_raw(ties.size) >= np.uint64(int((p * 2**16 - edge) * 2**64))
+    return out
 
 
 def masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Recompute instead of keep: backward reads some activations that are cheap to rebuild, exactly, from tensors
 it keeps anyway (RMSNorm's output from x and 1/rms; T5's dropout(GELU(gate) * up) from gate, up and the
-1-byte mask). A module marks such an output `recomputable`; under `recomputing()` autograd then keeps the
-recipe in its place and runs it when backward reads the tensor. Unlike gradient checkpointing nothing runs
-twice but these elementwise recipes, and the gradients are bit for bit the same.
+dropout mask), or from none at all (a dropout mask from its seed). A module marks such an output
+`recomputable`; under `recomputing()` autograd then keeps the recipe in its place and runs it when backward
+reads the tensor. Unlike gradient checkpointing nothing runs twice but these elementwise recipes and mask
+draws, and the gradients are bit for bit the same.
 
 A recipe holds only tensors that the graph keeps anyway (a marked input enters as its own recipe), checks
 their versions as autograd checks what it saved, and runs under the autocast state the forward pass had.
@@ -35,8 +36,14 @@ class Recipe:
         self.unread += 1
 
     def current(self) -> torch.Tensor:
-        """The value a read in progress computed, else a fresh one."""
-        return self.value if self.value is not None else self()
+        """The value a read in progress computed, else a fresh one, kept for a read still to come (a dropout
+        mask is an input of the dropped-out tensor's recipe as well as saved itself)."""
+        if self.value is not None:
+            return self.value
+        value = self()
+        if self.unread > 0:
+            self.value = value
+        return value
 
     def read(self) -> torch.Tensor:
         value = self.current()
