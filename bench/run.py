@@ -1,6 +1,7 @@
 """Side-by-side training benchmark: peftlab against HF peft + Seq2SeqTrainer, in the same run.
 
-    python bench/run.py                       # LoRA r=8 on q,v, full fine-tuning, LoRA + gradient checkpointing
+    python bench/run.py                       # LoRA r=8 on q,v, full fine-tuning, LoRA + gradient checkpointing,
+                                              # LoRA with peftlab's dropout masks redrawn in backward
     python bench/run.py --steps 4 --batches 32 --methods lora
 
 Each (tool, method, batch) runs in its own process so peak RSS is its own. Same data (random tokens,
@@ -30,7 +31,8 @@ SOURCE_TOKENS, TARGET_TOKENS = 128, 64
 TIME_TARGETS = {"lora": 0.5, "full": 0.7}  # the issue's headline step-time ratios
 MEMORY_TARGETS = {"lora": 0.5, "full": 0.7}  # and peak-memory ratios
 # what `make bench` runs (the defaults below)
-DEFAULTS = {"methods": "lora,full,lora+gc", "batches": "8,32", "steps": 8, "trajectory_steps": 20, "repeats": 1}
+DEFAULTS = {"methods": "lora,full,lora+gc,lora+redraw", "batches": "8,32", "steps": 8, "trajectory_steps": 20,
+            "repeats": 1}
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results import update_section  # noqa: E402
@@ -56,14 +58,14 @@ def peak_rss_mb() -> float:
 
 
 def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool,
-                checkpointing: bool) -> dict:
+                checkpointing: bool, redraw_masks: bool) -> dict:
     validation = out.parent / "validation.jsonl"  # the loop scores it once at the end: keep it one batch
     validation.write_text("".join(data.read_text().splitlines(keepends=True)[:batch]))
     from peftlab.train.config import load_config
     from peftlab.train.loop import train
 
     config = load_config(None, {
-        "run.gradient_checkpointing": checkpointing,
+        "run.gradient_checkpointing": checkpointing, "run.redraw_masks": redraw_masks,
         "model.name": "random:flan-t5-small", "data.train": str(data), "data.validation": str(validation),
         "data.input_column": "source", "data.target_column": "target", "data.group_by_length": False,
         "data.max_source_length": SOURCE_TOKENS, "data.max_target_length": TARGET_TOKENS,
@@ -78,7 +80,9 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, drop
             "before_model_mb": before_model}
 
 
-def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, checkpointing: bool) -> dict:
+def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, checkpointing: bool,
+           redraw_masks: bool) -> dict:
+    """peft + Seq2SeqTrainer; `redraw_masks` has no counterpart there (the run is the plain one)."""
     import datasets
     import peft
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
@@ -150,9 +154,11 @@ def child(args: argparse.Namespace) -> None:
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_peftlab if args.tool == "peftlab" else run_hf
-        # "lora+gc": the same run with gradient checkpointing on both sides
-        result = runner(data, args.method.removesuffix("+gc"), args.batch, args.steps, Path(tmp) / "out",
-                        not args.no_dropout, args.method.endswith("+gc"))
+        # "lora+gc": the same run with gradient checkpointing on both sides; "+redraw": peftlab redraws its
+        # dropout masks in backward (run.redraw_masks), peft has no such switch and runs as it is
+        method, *extras = args.method.split("+")
+        result = runner(data, method, args.batch, args.steps, Path(tmp) / "out", not args.no_dropout,
+                        "gc" in extras, "redraw" in extras)
     from peftlab.train.allocator import allocator_in_use
 
     result["peak_rss_mb"] = peak_rss_mb()
@@ -163,7 +169,7 @@ def child(args: argparse.Namespace) -> None:
 def model_flops_per_token(method: str) -> float:
     """Forward + backward FLOPs of the stock model per (source + target) token: LoRA has no weight gradients
     for frozen layers, full fine-tuning has them all."""
-    method = method.removesuffix("+gc")  # the model's FLOPs; recomputation is overhead
+    method = method.split("+")[0]  # the model's FLOPs; recomputation is overhead
     import peft
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -241,7 +247,8 @@ def main() -> None:
     p.add_argument("--method", default="lora")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--methods", default=DEFAULTS["methods"], help="lora, full, and either with +gc (gradient "
-                   "checkpointing on both sides: an extra row, not in the headline)")
+                   "checkpointing on both sides) or +redraw (peftlab's run.redraw_masks): extra rows, not in the "
+                   "headline")
     p.add_argument("--batches", default=DEFAULTS["batches"])
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument("--trajectory-steps", type=int, default=DEFAULTS["trajectory_steps"],
@@ -274,6 +281,8 @@ def main() -> None:
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
             largest = max(map(int, args.batches.split(",")))
+            if "+redraw" in method:  # peft's side is the plain row's again
+                continue
             if ours["allocator"] != "system":  # how much of the gap is the allocator: peft on it too
                 same_allocator.append((method, largest, measure("hf", method, largest, args.steps, data,
                                                                 preload=True)))
@@ -299,9 +308,9 @@ def memory_floor_line(rows) -> str:
                       f"{total / theirs['peak_rss_mb']:.2f} of peft's peak (target {MEMORY_TARGETS[method]}; "
                       f"peftlab's peak {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f})")
     return ("Memory floor: the peak RSS peftlab cannot go below without recomputing more (gradient "
-            "checkpointing, the extra rows): its RSS before the model + weights + AdamW state + what backward "
-            "keeps (saved-tensor hooks, one forward pass; `recompute.recomputing()` already applied), all alive when "
-            "the forward pass ends: " + "; ".join(floors) + ".")
+            "checkpointing or redrawn dropout masks, the extra rows): its RSS before the model + weights + AdamW "
+            "state + what backward keeps (saved-tensor hooks, one forward pass; `recompute.recomputing()` already "
+            "applied), all alive when the forward pass ends: " + "; ".join(floors) + ".")
 
 
 def section_heading(repeats: int) -> str:
@@ -365,6 +374,14 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
     if against_plain:
         lines += ["", "With gradient checkpointing, peftlab's peak against peft's without it (the issue's "
                   "LoRA target is <= 0.25): " + "; ".join(against_plain) + "."]
+    ours_plain = {(m, b): o for m, b, o, _ in rows}
+    redrawn = [f"{m} batch {b}: peak {o['peak_rss_mb'] - ours_plain[plain, b]['peak_rss_mb']:+.0f} MB, step time "
+               f"x{o['median_step_s'] / ours_plain[plain, b]['median_step_s']:.2f}"
+               for m, b, o, _ in rows if (plain := m.removesuffix("+redraw"), b) in ours_plain and plain != m]
+    if redrawn:
+        lines += ["", "Rows with +redraw: peftlab with `run.redraw_masks` (dropout masks drawn again in backward "
+                  "instead of kept; peft as in the plain row), against peftlab's plain row in the same run: "
+                  + "; ".join(redrawn) + "."]
     if same_allocator:
         ours = {(m, b): o for m, b, o, _ in rows}
         lines += ["", "The same allocator for both (peft + Trainer preloaded with peftlab's): what is left of the "

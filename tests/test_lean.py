@@ -16,7 +16,6 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm
 from peftlab import apply, load_model
 from peftlab.methods import build_config
 from peftlab.train.lean import (
-    MASK_BLOCK,
     BiasedAttention,
     GatedGELU,
     LeanTanhGELU,
@@ -28,6 +27,7 @@ from peftlab.train.lean import (
     seeded_keep_mask,
 )
 from peftlab.train.loss import lm_loss
+from peftlab.train.recompute import is_recomputable, recomputing
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -76,25 +76,18 @@ def test_keep_mask_follows_torch_seed(shape):
     assert not torch.equal(first, second)
 
 
-def test_keep_mask_is_the_same_whatever_the_thread_count():
-    """Blocks of MASK_BLOCK entries are drawn in parallel, each from its own stream: the mask depends on the
-    seed only, and the blocks are not copies of one another."""
-    shape = (3, MASK_BLOCK + 1000)  # three full blocks and a partial one
-    threads = torch.get_num_threads()
-    masks = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            torch.manual_seed(11)
-            masks.append(keep_mask(shape, 0.3, "cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(m, masks[0]) for m in masks[1:])
-    blocks = masks[0].view(-1)[: 3 * MASK_BLOCK].view(3, MASK_BLOCK)
-    assert not torch.equal(blocks[0], blocks[1]) and not torch.equal(blocks[1], blocks[2])
+def test_a_mask_is_marked_for_redrawing_only_where_asked_and_its_recipe_redraws_it():
+    torch.manual_seed(11)
+    plain = keep_mask((512, 512), 0.3, "cpu")
+    assert not is_recomputable(plain)
+    torch.manual_seed(11)
+    with recomputing(redraw_masks=True):
+        marked = keep_mask((512, 512), 0.3, "cpu")
+        small = keep_mask((16, 16), 0.3, "cpu")  # torch's generator: no seed to redraw from
+    assert torch.equal(marked, plain) and is_recomputable(marked) and not is_recomputable(small)
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    assert torch.equal(seeded_keep_mask(seed, shape, 0.3), masks[0])
+    assert torch.equal(seeded_keep_mask(seed, (512, 512), 0.3), plain)
 
 
 def test_dropout_zeroes_or_scales_and_its_gradient_uses_the_same_mask():

@@ -186,27 +186,26 @@ def test_a_recipe_read_by_another_recipe_first_is_computed_once():
     torch.testing.assert_close(grad_t, (2 * (a * 2 + 1) ** 2 * t).sum(0))
 
 
-def test_numpy_drawn_dropout_masks_are_drawn_again_in_backward():
-    """Masks of NUMPY_MASK_MIN entries or more (every dropout of a real batch) are redrawn from their seed in
-    backward rather than kept: none of them among what backward keeps, and the loss and every gradient as
-    when they are kept."""
+def test_redraw_masks_draws_dropout_masks_again_in_backward():
+    """With `redraw_masks`, masks of NUMPY_MASK_MIN entries or more (every dropout of a real batch) are redrawn
+    from their seed in backward: none of them among what backward keeps (without it, many), and the loss and
+    every gradient as when they are kept."""
     model = lean_model("lora")  # T5's dropout and LoRA's, rate 0.1 each
     batch = {"input_ids": torch.randint(2, 500, (8, 128)), "labels": torch.randint(2, 500, (8, 128))}
     assert batch["input_ids"].numel() * model.config.d_model >= NUMPY_MASK_MIN
-    kept, kept_plainly = {}, {}
+    results, kept = [], []
+    for redraw in (False, True):
+        masks = {}
 
-    def counter(masks: dict):
-        def count(t):
+        def count(t, masks=masks):
             if t.dtype == torch.bool and t.numel() >= NUMPY_MASK_MIN:
                 masks[t.untyped_storage().data_ptr()] = t.numel()
-            return t
-        return count
 
-    plainly = torch.autograd.graph.saved_tensors_hooks(counter(kept_plainly), lambda t: t)
-    loss, grads = loss_and_grads(model, batch, plainly)
-    with recompute.observing_kept(counter(kept)):
-        loss_again, grads_again = loss_and_grads(model, batch, recomputing())
-    assert len(kept_plainly) > 0 and len(kept) == 0
+        with recompute.observing_kept(count):
+            results.append(loss_and_grads(model, batch, recomputing(redraw_masks=redraw)))
+        kept.append(len(masks))
+    assert kept[0] > 0 and kept[1] == 0
+    (loss, grads), (loss_again, grads_again) = results
     assert torch.equal(loss_again, loss)
     assert grads.keys() == grads_again.keys() and len(grads) > 0
     for name, grad in grads.items():

@@ -83,6 +83,7 @@ class RunSection:
     gradient_checkpointing: bool = False
     chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see train/loss.py)
     lean_kernels: bool = True  # cheaper dropout masks, fused GELU/attention saving less (same math; train/lean.py)
+    redraw_masks: bool = False  # dropout masks drawn again in backward, not kept (less memory, slower; recompute.py)
     resume: str | None = None  # a checkpoint dir, or "latest"
     distributed: str = "ddp"  # ddp | fsdp: how several processes (torchrun, --nproc) share the work
     overwrite: bool = False

@@ -4,9 +4,8 @@
 or names, so state dicts, adapters and checkpoints are unchanged. What it switches:
 
 - every `nn.Dropout`: the keep mask is drawn as integers, on CPU 16-bit ones from numpy's SFC64 with the rate
-  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`, and in parallel blocks), and only
-  the 1-byte mask is kept for backward; under `recomputing()` not even that: backward draws it again from its
-  seed.
+  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`), and only the 1-byte mask is kept
+  for backward; with `run.redraw_masks` not even that: backward draws it again from its seed.
 - GELU(tanh) written out in Python (`gelu_new`: T5, GPT-2), which keeps four full-size tensors for backward:
   the same function as one fused kernel that keeps its input.
 - RMSNorm (T5, Llama): one function that keeps x and 1/rms, not x and the normalised x, in fewer passes.
@@ -21,7 +20,7 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
 Their outputs that are cheap to rebuild from what backward keeps anyway are marked `recomputable`
 (`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
 hands to q, k, v (or to LoRA) and to the feed-forward, T5's dropout(GELU(gate) * up) that a training `wo`
-keeps for its weight gradient, and every dropout mask drawn by numpy (from its seed).
+keeps for its weight gradient; with `run.redraw_masks`, every dropout mask drawn by numpy (from its seed).
 
 Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
 """
@@ -30,10 +29,8 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import types
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,11 +44,10 @@ from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoder
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 
-from peftlab.train.recompute import is_recomputable, recomputable
+from peftlab.train.recompute import is_recomputable, recomputable, redraws_masks
 
 LEAN_ATTENTION = "peftlab_lean"
 NUMPY_MASK_MIN = 2**16  # mask entries; below this, seeding SFC64 costs more than it saves
-MASK_BLOCK = 2**18  # mask entries per SFC64 stream: the unit of parallel drawing
 # model type -> (attention class, config field of its attention dropout). T5 has no fused kernel (position
 # bias: eager only); the others are switched only with attention dropout, where sdpa on CPU falls back to its
 # math path and keeps the probabilities twice; without it, sdpa's fused kernel keeps as little (and Llama-style
@@ -62,54 +58,25 @@ ATTENTION_CLASSES = {"t5": ("T5Attention", None), "mt5": ("MT5Attention", None),
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
     """A boolean mask, each entry True with probability 1 - p. Seeded from torch's generator, so
-    `torch.manual_seed` reproduces it. A mask drawn by numpy is marked `recomputable` from its seed: under
-    `recompute.recomputing()` backward draws it again rather than keeping it."""
+    `torch.manual_seed` reproduces it. Inside `recompute.recomputing(redraw_masks=True)` a mask drawn by numpy
+    is marked `recomputable` from its seed: backward draws it again rather than keeping it."""
     count = math.prod(shape)
     if torch.device(device).type == "cpu" and count >= NUMPY_MASK_MIN:
         # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this; seeding SFC64 costs
         # ~10 us, one draw from torch's generator
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        shape = tuple(shape)
-        return recomputable(seeded_keep_mask(seed, shape, p), seeded_keep_mask, (), seed, shape, p)
+        seed, shape = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)), tuple(shape)
+        keep = seeded_keep_mask(seed, shape, p)
+        return recomputable(keep, seeded_keep_mask, (), seed, shape, p) if redraws_masks() else keep
     threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)  # an int32 either way (p within 2^-33 of 1: keep ~0)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
     return (bits.view(torch.int32)[:count] >= threshold).view(shape)
 
 
 def seeded_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
-    """The mask `keep_mask` draws from `seed`: blocks of MASK_BLOCK entries, each from its own SFC64 stream
-    ([seed, block]), drawn on torch's intra-op threads' worth of workers (numpy's draws release the GIL).
-    The same seed gives the same mask whatever the thread count."""
-    keep = np.empty(math.prod(shape), dtype=bool)
-
-    def draw(start: int) -> None:
-        keep_from_16_bits(np.random.SFC64([seed, start]), p, keep[start:start + MASK_BLOCK])
-
+    """The mask `keep_mask` draws from `seed` with numpy's SFC64."""
     with record_function("peftlab::keep_mask"):  # numpy's work is no torch operator: name it for profiles
-        starts = range(0, keep.size, MASK_BLOCK)
-        if len(starts) == 1 or torch.get_num_threads() == 1:
-            for start in starts:
-                draw(start)
-        else:
-            list(_mask_workers().map(draw, starts))
+        keep = keep_from_16_bits(np.random.SFC64(seed), p, np.empty(math.prod(shape), dtype=bool))
     return torch.from_numpy(keep.reshape(shape))  # not a view: `recomputing()` finds a mark on the base
-
-
-_workers: dict[int, ThreadPoolExecutor] = {}  # by thread count
-
-
-def _mask_workers() -> ThreadPoolExecutor:
-    count = torch.get_num_threads()
-    if count not in _workers:
-        _workers[count] = ThreadPoolExecutor(count, thread_name_prefix="peftlab-mask")
-    return _workers[count]
-
-
-def _forget_workers() -> None:
-    _workers.clear()  # a forked child has none of its parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_workers)
 
 
 def keep_from_16_bits(generator: np.random.BitGenerator, p: float, out: np.ndarray) -> np.ndarray:

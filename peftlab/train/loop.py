@@ -219,7 +219,8 @@ def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:
 
 def _loss_function(cfg: TrainConfig, model, task: str, world: World):
     # the chunked loss reads lm_head's weight outside FSDP's forward
-    return training_loss(model, cfg.run.chunked_loss and task != "classification" and world.strategy != "fsdp")
+    return training_loss(model, cfg.run.chunked_loss and task != "classification" and world.strategy != "fsdp",
+                         cfg.run.redraw_masks)
 
 
 def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World) -> None:

@@ -1,9 +1,10 @@
 """Recompute instead of keep: backward reads some activations that are cheap to rebuild, exactly, from tensors
 it keeps anyway (RMSNorm's output from x and 1/rms; T5's dropout(GELU(gate) * up) from gate, up and the
-dropout mask), or from none at all (a dropout mask from its seed). A module marks such an output
-`recomputable`; under `recomputing()` autograd then keeps the recipe in its place and runs it when backward
-reads the tensor. Unlike gradient checkpointing nothing runs twice but these elementwise recipes and mask
-draws, and the gradients are bit for bit the same.
+dropout mask). A module marks such an output `recomputable`; under `recomputing()` autograd then keeps the
+recipe in its place and runs it when backward reads the tensor. Unlike gradient checkpointing nothing runs
+twice but these elementwise recipes, and the gradients are bit for bit the same. `recomputing(redraw_masks=
+True)` (`run.redraw_masks`) also redraws dropout masks from their seeds: that trades the draw time (~7% of a
+CPU step) for the masks' bytes.
 
 A recipe holds only tensors that the graph keeps anyway (a marked input enters as its own recipe), checks
 their versions as autograd checks what it saved, and runs under the autocast state the forward pass had.
@@ -12,6 +13,7 @@ their versions as autograd checks what it saved, and runs under the autocast sta
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -113,10 +115,25 @@ def _unpack(saved) -> torch.Tensor:
     return value if saved.view is None else value.as_strided(*saved.view)
 
 
-def recomputing() -> torch.autograd.graph.saved_tensors_hooks:
+_redrawing_masks = contextvars.ContextVar("peftlab_redraw_masks", default=False)
+
+
+@contextlib.contextmanager
+def recomputing(redraw_masks: bool = False) -> Iterator[None]:
     """Inside, autograd keeps the recipe of a marked tensor instead of the tensor. Harmless where nothing is
-    marked; gradient checkpointing's own hooks take over inside a checkpointed block."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    marked; gradient checkpointing's own hooks take over inside a checkpointed block. `redraw_masks`: dropout
+    masks are marked too (`lean.keep_mask`), and backward draws them again: less memory, the draw time twice."""
+    token = _redrawing_masks.set(redraw_masks)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _redrawing_masks.reset(token)
+
+
+def redraws_masks() -> bool:
+    """Whether dropout masks drawn now are to be redrawn in backward (inside `recomputing(redraw_masks=True)`)."""
+    return _redrawing_masks.get()
 
 
 @contextlib.contextmanager
