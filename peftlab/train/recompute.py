@@ -3,8 +3,8 @@ it keeps anyway (RMSNorm's output from x and 1/rms; T5's dropout(GELU(gate) * up
 dropout mask). A module marks such an output `recomputable`; under `recomputing()` autograd then keeps the
 recipe in its place and runs it when backward reads the tensor. Unlike gradient checkpointing nothing runs
 twice but these elementwise recipes, and the gradients are bit for bit the same. `recomputing(redraw_masks=
-True)` (`run.redraw_masks`) also redraws dropout masks from their seeds: that trades the draw time (~7% of a
-CPU step) for the masks' bytes.
+True)` (`run.redraw_masks`) also redraws dropout masks drawn by numpy (CPU) from their seeds: that trades a
+second draw of every mask for the masks' bytes (bench/RESULTS.md, the +redraw rows).
 
 A recipe holds only tensors that the graph keeps anyway (a marked input enters as its own recipe), checks
 their versions as autograd checks what it saved, and runs under the autocast state the forward pass had.
