@@ -369,21 +369,20 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
               "peak holds above it: " + "; ".join(above) + ". `python bench/profile_step.py` splits peftlab's "
               "live tensors at the peak into weights, optimizer state, gradients and the rest."]
     plain_peft = {(m, b): theirs["peak_rss_mb"] for m, b, _, theirs in rows}
-    against_plain = [f"{m} batch {b}: {ours['peak_rss_mb'] / plain_peft[m.removesuffix('+gc'), b]:.2f}"
-                     for m, b, ours, _ in rows if m.endswith("+gc") and (m.removesuffix("+gc"), b) in plain_peft]
+    ours = {(m, b): o for m, b, o, _ in rows}
+    against_plain = [f"{m} batch {b}: {o['peak_rss_mb'] / plain_peft[m.removesuffix('+gc'), b]:.2f}"
+                     for m, b, o, _ in rows if m.endswith("+gc") and (m.removesuffix("+gc"), b) in plain_peft]
     if against_plain:
         lines += ["", "With gradient checkpointing, peftlab's peak against peft's without it (the issue's "
                   "LoRA target is <= 0.25): " + "; ".join(against_plain) + "."]
-    ours_plain = {(m, b): o for m, b, o, _ in rows}
-    redrawn = [f"{m} batch {b}: peak {o['peak_rss_mb'] - ours_plain[plain, b]['peak_rss_mb']:+.0f} MB, step time "
-               f"x{o['median_step_s'] / ours_plain[plain, b]['median_step_s']:.2f}"
-               for m, b, o, _ in rows if (plain := m.removesuffix("+redraw"), b) in ours_plain and plain != m]
+    redrawn = [f"{m} batch {b}: peak {o['peak_rss_mb'] - ours[plain, b]['peak_rss_mb']:+.0f} MB, step time "
+               f"x{o['median_step_s'] / ours[plain, b]['median_step_s']:.2f}"
+               for m, b, o, _ in rows if (plain := m.removesuffix("+redraw"), b) in ours and plain != m]
     if redrawn:
         lines += ["", "Rows with +redraw: peftlab with `run.redraw_masks` (dropout masks drawn again in backward "
                   "instead of kept; peft as in the plain row), against peftlab's plain row in the same run: "
                   + "; ".join(redrawn) + "."]
     if same_allocator:
-        ours = {(m, b): o for m, b, o, _ in rows}
         lines += ["", "The same allocator for both (peft + Trainer preloaded with peftlab's): what is left of the "
                   "gap without it.", "", "| method | batch | allocator | peft s/step | peft peak RSS MB "
                   "| time ratio | memory ratio |", "|---|---|---|---|---|---|---|"]

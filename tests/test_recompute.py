@@ -138,6 +138,14 @@ def test_a_recipe_runs_under_the_autocast_state_of_its_forward_pass():
     assert torch.equal(grad(recomputing()), grad(contextlib.nullcontext()))
 
 
+def counted_doubling(calls: list):
+    """x * 2, appending to `calls` each time it runs."""
+    def doubled(x):
+        calls.append(1)
+        return x * 2
+    return doubled
+
+
 def test_a_tensor_read_several_times_is_recomputed_once_per_backward():
     """q, k and v (or LoRA's q and v) read one normalised x: one recomputation serves them all; a second
     backward through a retained graph recomputes again and gets the same gradients."""
@@ -145,11 +153,7 @@ def test_a_tensor_read_several_times_is_recomputed_once_per_backward():
     a = torch.randn(5, 3, generator=generator)
     scales = [torch.randn(3, generator=generator, requires_grad=True) for _ in range(3)]
     calls = []
-
-    def doubled(x):
-        calls.append(1)
-        return x * 2
-
+    doubled = counted_doubling(calls)
     with recomputing():
         product = recompute.recomputable(doubled(a), doubled, (a,))
         loss = sum((product * s).pow(2).sum() for s in scales)  # each `*` keeps `product`
@@ -170,11 +174,7 @@ def test_a_recipe_read_by_another_recipe_first_is_computed_once():
     a = torch.randn(5, 3, generator=generator)
     s, t = (torch.randn(3, generator=generator, requires_grad=True) for _ in range(2))
     calls = []
-
-    def doubled(x):
-        calls.append(1)
-        return x * 2
-
+    doubled = counted_doubling(calls)
     with recomputing():
         inner = recompute.recomputable(doubled(a), doubled, (a,))
         outer = recompute.recomputable(inner + 1, torch.add, (inner,), 1)
