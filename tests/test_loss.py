@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import example_batch, fresh_base
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
-from peftlab.train.loss import chunked_cross_entropy, lm_loss, softmax_, supports_chunked_loss
+import peftlab.train.loss as loss_module
+from peftlab.train.loss import chunked_cross_entropy, flush_subnormal_, lm_loss, softmax_, supports_chunked_loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
@@ -147,3 +149,66 @@ def test_scoring_with_the_chunked_loss_equals_the_models_loss(preset):
     with torch.no_grad():
         expected = float(model(**batch).loss)
     assert score(model, [batch], torch.device("cpu"))["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def subnormal_entries(tensor: torch.Tensor) -> int:
+    return int(((tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)).sum())
+
+
+class SubnormalOperands(TorchDispatchMode):
+    """Counts the subnormal entries in the two factors of every matrix product run inside it."""
+
+    FACTORS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.mm.out: (0, 1),
+               torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.addmm_.default: (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for i in self.FACTORS.get(func, ()):
+            self.count += subnormal_entries(args[i])
+        return func(*args, **(kwargs or {}))
+
+
+def spread_logits_case():
+    # logits spread over hundreds (a random-init model's loss is ~94): most softmax entries are subnormal
+    generator = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(24, 16, generator=generator) * 10).requires_grad_()
+    weight = (torch.randn(300, 16, generator=generator) * 3).requires_grad_()
+    labels = torch.randint(0, 300, (24,), generator=generator)
+    return hidden, weight, labels
+
+
+def test_the_loss_products_get_no_subnormal_probabilities(monkeypatch):
+    # Intel CPUs multiply subnormals ~100x slower; the loss flushes them before its products (the products see
+    # the flushed chunk: with the flush taken out, the same run hands them hundreds)
+    hidden, weight, labels = spread_logits_case()
+    with SubnormalOperands() as flushed:
+        torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+    monkeypatch.setattr(loss_module, "flush_subnormal_", lambda probs: probs)
+    with SubnormalOperands() as kept:
+        torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+    assert flushed.count == 0
+    assert kept.count > 100
+
+
+def test_flushing_subnormal_probabilities_changes_no_gradient_by_more_than_a_subnormal(monkeypatch):
+    # the hidden states' gradient is the same bit for bit (each row's sum is dominated by p_y - 1); the head's
+    # gradient differs only in entries that are themselves ~1e-38 (unlikely tokens: sums of flushed terms)
+    hidden, weight, labels = spread_logits_case()
+    flushed = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+    monkeypatch.setattr(loss_module, "flush_subnormal_", lambda probs: probs)
+    kept = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+    assert torch.equal(flushed[0], kept[0])
+    torch.testing.assert_close(flushed[1], kept[1], rtol=0, atol=1e-35)
+    reference = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, labels), (hidden, weight))
+    for ours, plain in zip(flushed, reference, strict=True):
+        torch.testing.assert_close(ours, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_flush_subnormal_zeroes_exactly_the_entries_at_or_below_the_smallest_normal():
+    tiny = torch.finfo(torch.float32).tiny
+    probs = torch.tensor([0.0, tiny / 4, tiny, tiny * 2, 0.5])
+    assert subnormal_entries(probs) == 1
+    assert torch.equal(flush_subnormal_(probs), torch.tensor([0.0, 0.0, 0.0, tiny * 2, 0.5]))
