@@ -11,7 +11,9 @@ model's own FLOPs (torch's FlopCounterMode on the stock model, the same for both
 tool spends. The loss-trajectory check trains both tools with dropout off on the same 8 rows (every step
 sees all of them, so sampling order cannot matter) and compares the logged losses. peftlab runs on the
 allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed), peft + Trainer on the
-system's; extra rows give peft the same allocator. Writes bench/RESULTS.md.
+system's; extra rows give peft the same allocator, and then also a process-wide flush of subnormal numbers
+(on Intel CPUs the random-init model's softmax makes peft's LM-head backward multiply subnormals, which
+peftlab's loss flushes). Writes bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -137,7 +139,38 @@ def matmul_gflops() -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
 
 
+def subnormal_slowdown() -> float:
+    """How many times slower a product runs when one factor holds subnormal numbers (below fp32's 1.2e-38):
+    Intel CPUs take a microcode assist per such operand, AMD's mostly do not. A random-init model's softmax
+    over a 32k vocabulary is full of them (its loss starts near 94), so its LM-head backward pays this."""
+    import torch
+
+    normal, b = torch.rand(256, 2048), torch.rand(2048, 512)
+    subnormal = torch.full_like(normal, torch.finfo(torch.float32).tiny / 2)
+    seconds = []
+    for a in (normal, subnormal):
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        seconds.append(time.perf_counter() - t0)
+    return seconds[1] / seconds[0]
+
+
+def flush_subnormal() -> None:
+    """Flush subnormal numbers to zero in every thread from here on (torch.set_flush_denormal, which the
+    threads started after it inherit): what peftlab's loss does to its softmax, given to peft's whole process."""
+    import torch
+
+    torch.set_flush_denormal(True)
+    tiny = torch.finfo(torch.float32).tiny
+    if (torch.full((512, 512), tiny / 2) @ torch.ones(512, 512)).count_nonzero():
+        raise SystemExit("torch.set_flush_denormal did not reach every thread of this process")
+
+
 def child(args: argparse.Namespace) -> None:
+    if args.flush_subnormal:  # first: before any thread pool starts
+        flush_subnormal()
     if args.tool == "floor":  # what no faster kernel or leaner allocator changes: see write_results
         from profile_step import build_step, matmul_seconds_per_step, profiled
 
@@ -163,6 +196,7 @@ def child(args: argparse.Namespace) -> None:
 
     result["peak_rss_mb"] = peak_rss_mb()
     result["allocator"] = allocator_in_use()
+    result["subnormals"] = "flushed" if args.flush_subnormal else "kept"
     print("RESULT " + json.dumps(result))
 
 
@@ -196,11 +230,13 @@ def child_environment(preload: bool) -> dict[str, str]:
 
 
 def run_child(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True,
-              preload: bool | None = None) -> dict:
+              preload: bool | None = None, flush: bool = False) -> dict:
     """`child` in its own process; its RESULT line. peftlab runs on the allocator its command picks, peft +
-    Trainer on the system's (as their users run them) unless `preload` says otherwise."""
+    Trainer on the system's (as their users run them) unless `preload` says otherwise; `flush`: the whole
+    process flushes subnormal numbers to zero (`flush_subnormal`)."""
     cmd = [sys.executable, __file__, "--child", "--tool", tool, "--method", method, "--batch", str(batch),
-           "--steps", str(steps), "--data", str(data), *([] if dropout else ["--no-dropout"])]
+           "--steps", str(steps), "--data", str(data), *([] if dropout else ["--no-dropout"]),
+           *(["--flush-subnormal"] if flush else [])]
     env = child_environment(tool != "hf" if preload is None else preload)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -210,9 +246,9 @@ def run_child(tool: str, method: str, batch: int, steps: int, data: Path, dropou
 
 
 def measure(tool: str, method: str, batch: int, steps: int, data: Path, dropout: bool = True,
-            preload: bool | None = None) -> dict:
+            preload: bool | None = None, flush: bool = False) -> dict:
     """One training run (`run_child`) with its median step time and throughput."""
-    result = run_child(tool, method, batch, steps, data, dropout, preload)
+    result = run_child(tool, method, batch, steps, data, dropout, preload, flush)
     timed = result["step_times"][1:] or result["step_times"]  # the first step warms up allocators
     result["median_step_s"] = statistics.median(timed)
     result["tokens_per_s"] = batch * (SOURCE_TOKENS + TARGET_TOKENS) / result["median_step_s"]
@@ -236,7 +272,17 @@ def versions() -> str:
     import transformers
 
     return (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-            f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores")
+            f"Python {platform.python_version()}, {cpu_model()}, {os.cpu_count()} cores")
+
+
+def cpu_model() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return name + (" (AVX-512)" if " avx512f" in info else "")
 
 
 def main() -> None:
@@ -256,6 +302,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="interleaved peftlab/peft pairs per "
                    "row; the table shows each tool's median run and the range of the pairs' time ratios")
     p.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--flush-subnormal", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = p.parse_args()
     if args.child:
@@ -265,7 +312,7 @@ def main() -> None:
         data, rows_8 = Path(tmp) / "data.jsonl", Path(tmp) / "eight.jsonl"
         make_data(data, 40 * 32)
         make_data(rows_8, 8)
-        peak = matmul_gflops()
+        peak, slowdown = matmul_gflops(), subnormal_slowdown()
         flops = {method: model_flops_per_token(method) for method in methods}
         rows, trajectories, same_allocator = [], [], []
         for method in methods:
@@ -283,14 +330,16 @@ def main() -> None:
             largest = max(map(int, args.batches.split(",")))
             if "+redraw" in method:  # peft's side is the plain row's again
                 continue
-            if ours["allocator"] != "system":  # how much of the gap is the allocator: peft on it too
-                same_allocator.append((method, largest, measure("hf", method, largest, args.steps, data,
-                                                                preload=True)))
+            # how much of the gap is the allocator, and then the subnormal flush: peft with them too
+            for flush in (False, True):
+                if ours["allocator"] != "system" or flush:
+                    same_allocator.append((method, largest, measure("hf", method, largest, args.steps, data,
+                                                                    preload=True, flush=flush)))
             if args.trajectory_steps:
                 pair = [measure(tool, method, 8, args.trajectory_steps, rows_8, dropout=False)["losses"]
                         for tool in ("peftlab", "hf")]
                 trajectories.append((method, *pair))
-    write_results(Path(args.output), rows, trajectories, same_allocator, peak, flops, args)
+    write_results(Path(args.output), rows, trajectories, same_allocator, peak, slowdown, flops, args)
 
 
 def memory_floor_line(rows) -> str:
@@ -319,13 +368,16 @@ def section_heading(repeats: int) -> str:
     return main if repeats == 1 else f"{main}, {repeats} interleaved pairs"
 
 
-def write_results(path: Path, rows, trajectories, same_allocator, peak: float, flops: dict, args) -> None:
+def write_results(path: Path, rows, trajectories, same_allocator, peak: float, slowdown: float, flops: dict,
+                  args) -> None:
     command = (f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps} "
                f"--trajectory-steps {args.trajectory_steps}" + (f" --repeats {args.repeats}" if args.repeats > 1
                                                                 else ""))
     is_make_bench = all(getattr(args, name) == value for name, value in DEFAULTS.items())
     lines = [f"Reproduce: `{command}`" + (" (or `make bench`)" if is_make_bench else "") + f". Machine: {versions()}. "
-             f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s.",
+             f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s; a product with a subnormal "
+             f"factor: x{slowdown:.0f} slower (peftlab's loss flushes its softmax's subnormals; peft's "
+             "backward multiplies them: see the rows with peft flushed too).",
              f"Model `random:flan-t5-small`, {SOURCE_TOKENS} source + {TARGET_TOKENS} target tokens, LoRA r=8 "
              f"alpha=16 on q,v (dropout 0.05), T5 dropout 0.1, AdamW, fp32. Median of steps 2..{args.steps}"
              + (f", of each tool's median run over {args.repeats} interleaved pairs (the time ratio's range over "
@@ -383,15 +435,18 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, f
                   "instead of kept; peft as in the plain row), against peftlab's plain row in the same run: "
                   + "; ".join(redrawn) + "."]
     if same_allocator:
-        lines += ["", "The same allocator for both (peft + Trainer preloaded with peftlab's): what is left of the "
-                  "gap without it.", "", "| method | batch | allocator | peft s/step | peft peak RSS MB "
-                  "| time ratio | memory ratio |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "peft + Trainer given what peftlab's speed owes least to its own code: its allocator "
+                  "(preloaded), then also its flush of subnormal numbers (torch.set_flush_denormal for peft's "
+                  "whole process, which flushes more than peftlab's loss does): what is left of the gap without "
+                  "them.", "", "| method | batch | allocator | subnormals | peft s/step | peft peak RSS MB "
+                  "| time ratio | memory ratio |", "|---|---|---|---|---|---|---|---|"]
         for method, batch, theirs in same_allocator:
             mine = ours[method, batch]
-            lines.append(f"| {method} | {batch} | {theirs['allocator']} | {theirs['median_step_s']:.2f} | "
-                         f"{theirs['peak_rss_mb']:.0f} | {mine['median_step_s'] / theirs['median_step_s']:.2f} | "
+            lines.append(f"| {method} | {batch} | {theirs['allocator']} | {theirs['subnormals']} | "
+                         f"{theirs['median_step_s']:.2f} | {theirs['peak_rss_mb']:.0f} | "
+                         f"{mine['median_step_s'] / theirs['median_step_s']:.2f} | "
                          f"{mine['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |")
-        same = {(m, b): theirs for m, b, theirs in same_allocator}
+        same = {(m, b): theirs for m, b, theirs in same_allocator if theirs["subnormals"] == "kept"}
         gc_rows = [f"{m} batch {b}: {o['peak_rss_mb'] / same[m.removesuffix('+gc'), b]['peak_rss_mb']:.2f}"
                    for (m, b), o in ours.items() if m.endswith("+gc") and (m.removesuffix("+gc"), b) in same]
         if gc_rows:
