@@ -79,11 +79,12 @@ def softmax_(logits: torch.Tensor) -> torch.Tensor:
 def flush_subnormal_(probs: torch.Tensor) -> torch.Tensor:
     """Set probabilities not above the dtype's smallest normal number (fp32: 1.2e-38) to zero, in place.
 
-    A spread-out vocabulary (a random-init model starts at a loss near 94: most p are e^-90 and less) leaves
-    most of each chunk subnormal, and Intel CPUs multiply subnormals through microcode assists: the chunk's
-    `d_logits @ W` ran at 6 GFLOP/s against 300 (bench/RESULTS.md). A term this small changes no sum of the
-    gradient, whose target entry alone is p_y - 1. Local to the loss, unlike torch.set_flush_denormal (which
-    reaches only threads started after it)."""
+    A spread-out softmax (a random-init model starts at a loss near 94) puts part of each chunk below that,
+    and Intel CPUs multiply subnormals through microcode assists: the chunk's `d_logits @ W` ran at 6 GFLOP/s
+    against 300 (bench/RESULTS.md). Terms this small vanish in the rounding of the sums they join: the hidden
+    states' gradient comes out the same bit for bit, the head's differs only in entries that are themselves
+    ~1e-38 (tests). Local to the loss: torch.set_flush_denormal would flush every operator of the process
+    and need not reach threads already started."""
     return torch.nn.functional.threshold_(probs, torch.finfo(probs.dtype).tiny, 0.0)
 
 
