@@ -141,8 +141,8 @@ def matmul_gflops() -> float:
 
 def subnormal_slowdown() -> float:
     """How many times slower a product runs when one factor holds subnormal numbers (below fp32's 1.2e-38):
-    Intel CPUs take a microcode assist per such operand, AMD's mostly do not. A random-init model's softmax
-    over a 32k vocabulary is full of them (its loss starts near 94), so its LM-head backward pays this."""
+    Intel CPUs take microcode assists for them (the AMD EPYC of earlier runs showed no such cost). A random-init
+    model's softmax over a 32k vocabulary holds many (its loss starts near 94): its LM-head backward pays this."""
     import torch
 
     normal, b = torch.rand(256, 2048), torch.rand(2048, 512)
