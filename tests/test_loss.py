@@ -172,7 +172,7 @@ class SubnormalOperands(TorchDispatchMode):
 
 
 def spread_logits_case():
-    # logits spread over hundreds (a random-init model's loss is ~94): most softmax entries are subnormal
+    # logits spread over hundreds (a random-init model's loss is ~94): many softmax entries are subnormal
     generator = torch.Generator().manual_seed(5)
     hidden = (torch.randn(24, 16, generator=generator) * 10).requires_grad_()
     weight = (torch.randn(300, 16, generator=generator) * 3).requires_grad_()
@@ -180,15 +180,19 @@ def spread_logits_case():
     return hidden, weight, labels
 
 
+def chunked_loss_grads(hidden, weight, labels):
+    return torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+
+
 def test_the_loss_products_get_no_subnormal_probabilities(monkeypatch):
     # Intel CPUs multiply subnormals ~100x slower; the loss flushes them before its products (the products see
     # the flushed chunk: with the flush taken out, the same run hands them hundreds)
     hidden, weight, labels = spread_logits_case()
     with SubnormalOperands() as flushed:
-        torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+        chunked_loss_grads(hidden, weight, labels)
     monkeypatch.setattr(loss_module, "flush_subnormal_", lambda probs: probs)
     with SubnormalOperands() as kept:
-        torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+        chunked_loss_grads(hidden, weight, labels)
     assert flushed.count == 0
     assert kept.count > 100
 
@@ -197,9 +201,9 @@ def test_flushing_subnormal_probabilities_changes_no_gradient_by_more_than_a_sub
     # the hidden states' gradient is the same bit for bit (each row's sum is dominated by p_y - 1); the head's
     # gradient differs only in entries that are themselves ~1e-38 (unlikely tokens: sums of flushed terms)
     hidden, weight, labels = spread_logits_case()
-    flushed = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+    flushed = chunked_loss_grads(hidden, weight, labels)
     monkeypatch.setattr(loss_module, "flush_subnormal_", lambda probs: probs)
-    kept = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk=8), (hidden, weight))
+    kept = chunked_loss_grads(hidden, weight, labels)
     assert torch.equal(flushed[0], kept[0])
     torch.testing.assert_close(flushed[1], kept[1], rtol=0, atol=1e-35)
     reference = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, labels), (hidden, weight))
