@@ -1,6 +1,7 @@
 """The chunked LM loss equals the plain loss and its gradients, and the model's own loss."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -149,6 +150,57 @@ def test_scoring_with_the_chunked_loss_equals_the_models_loss(preset):
     with torch.no_grad():
         expected = float(model(**batch).loss)
     assert score(model, [batch], torch.device("cpu"))["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+class VocabularySizedBuffers(TorchDispatchMode):
+    """Follows every tensor made inside it with a dimension of the vocabulary's size (logits chunks, the head's
+    gradient): how many distinct buffers of them were alive at once at most, and how many were made."""
+
+    def __init__(self, vocabulary: int):
+        super().__init__()
+        self.vocabulary, self.alive, self.most_alive, self.made = vocabulary, [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = (*args, *(kwargs or {}).values())
+        inputs = {a.untyped_storage().data_ptr() for a in given if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and self.vocabulary in out.shape and (
+                out.untyped_storage().data_ptr() not in inputs):  # not a view, not written in place
+            self.made += 1
+            self.alive.append(weakref.ref(out))
+        storages = {ref().untyped_storage().data_ptr() for ref in self.alive if ref() is not None}
+        self.most_alive = max(self.most_alive, len(storages))
+        return out
+
+
+@pytest.mark.parametrize("weight_trainable", [False, True])
+def test_the_loss_holds_one_chunk_of_logits_at_a_time_and_scales_its_gradients_in_place(weight_trainable):
+    """Forward: one chunk's vocabulary-sized buffer at a time (plus the head's gradient when it trains);
+    backward makes none (a scaled copy of the head's gradient would double it at the step's peak)."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(24, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 16, generator=generator, requires_grad=weight_trainable)
+    labels = torch.randint(0, 300, (24,), generator=generator)
+    with VocabularySizedBuffers(300) as forward:
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk=8)  # three chunks
+    with VocabularySizedBuffers(300) as backward:
+        grads = torch.autograd.grad(loss, (hidden, weight) if weight_trainable else (hidden,))
+    assert forward.made >= 3  # the probe sees each chunk's logits
+    assert forward.most_alive == (2 if weight_trainable else 1)
+    assert backward.made == 0
+    plain = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, labels),
+                                (hidden, weight) if weight_trainable else (hidden,))
+    for ours, reference in zip(grads, plain, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_a_second_backward_through_the_chunked_loss_is_refused_in_words():
+    hidden, weight, labels = torch.randn(6, 4, requires_grad=True), torch.randn(10, 4), torch.randint(0, 10, (6,))
+    loss = chunked_cross_entropy(hidden, weight, labels)
+    first = torch.autograd.grad(loss, hidden, retain_graph=True)[0]
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(first, torch.autograd.grad(F.cross_entropy(hidden @ weight.T, labels), hidden)[0])
 
 
 def subnormal_entries(tensor: torch.Tensor) -> int:

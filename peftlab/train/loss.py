@@ -35,25 +35,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = (h @ weight.T).float()
             if not (want_hidden or want_weight):
-                total -= torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).sum()
-            else:
-                target_logit, top_logit = logits.gather(1, y[:, None]), logits.amax(-1, keepdim=True)
-                d_logits = softmax_(logits)  # the one pass of exp (aten::exp is ~5x slower on CPU)
-                total -= log_softmax_at(target_logit, top_logit, d_logits).sum()
-                flush_subnormal_(d_logits)
-                d_logits[torch.arange(h.shape[0]), y] -= 1  # d (summed loss) / d logits
-                d_logits = d_logits.to(h.dtype)
-                if want_hidden:
-                    grad_hidden[start:start + chunk] = d_logits @ weight
-                if want_weight:  # in the weight's dtype for every chunk (autocast leaves out= products
-                    # alone), in place: no zero fill, no temporary per chunk
-                    d_logits_t, h_w = d_logits.T.to(weight.dtype), h.to(weight.dtype)
-                    if grad_weight is None:
-                        grad_weight = torch.mm(d_logits_t, h_w, out=torch.empty_like(weight))
-                    else:
-                        grad_weight.addmm_(d_logits_t, h_w)
+                total -= torch.log_softmax((h @ weight.T).float(), dim=-1).gather(1, y[:, None]).sum()
+                continue
+            rows = slice(start, start + chunk)
+            # one call per chunk: its vocabulary-sized buffer is freed before the next chunk's is made
+            log_likelihood, grad_weight = chunk_loss_and_gradients(
+                h, weight, y, want_weight, grad_weight, None if grad_hidden is None else grad_hidden[rows])
+            total -= log_likelihood
         if want_weight and grad_weight is None:  # no position carried a label
             grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -63,10 +52,39 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        # scaled in place: a scaled copy would hold a second head-sized tensor (vocabulary x width: 63 MiB for
+        # flan-t5-small) at the top of the step's memory, so the saved gradients serve one backward only
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError("the chunked loss takes one backward per forward (retain_graph): compute the loss "
+                               "again, or use training_loss(model, chunked=False)")
+        ctx.scaled = True
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.count
-        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype), None, None)
+        return (None if grad_hidden is None else grad_hidden.mul_(scale.to(grad_hidden.dtype)),
+                None if grad_weight is None else grad_weight.mul_(scale.to(grad_weight.dtype)), None, None)
+
+
+def chunk_loss_and_gradients(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, want_weight: bool,
+                             grad_weight: torch.Tensor | None, grad_hidden: torch.Tensor | None):
+    """One chunk's summed log-likelihood of its targets, with the gradient of the summed loss written into
+    `grad_hidden` (where given) and added into `grad_weight` (made on the first chunk; returned)."""
+    logits = (h @ weight.T).float()
+    target_logit, top_logit = logits.gather(1, y[:, None]), logits.amax(-1, keepdim=True)
+    d_logits = softmax_(logits)  # the one pass of exp (aten::exp is ~5x slower on CPU)
+    log_likelihood = log_softmax_at(target_logit, top_logit, d_logits).sum()
+    flush_subnormal_(d_logits)
+    d_logits[torch.arange(h.shape[0]), y] -= 1  # d (summed loss) / d logits
+    d_logits = d_logits.to(h.dtype)
+    if grad_hidden is not None:
+        grad_hidden.copy_(d_logits @ weight)
+    if want_weight:  # in the weight's dtype for every chunk (autocast leaves out= products alone), in
+        # place: no zero fill, no temporary per chunk
+        d_logits_t, h_w = d_logits.T.to(weight.dtype), h.to(weight.dtype)
+        if grad_weight is None:
+            grad_weight = torch.mm(d_logits_t, h_w, out=torch.empty_like(weight))
+        else:
+            grad_weight.addmm_(d_logits_t, h_w)
+    return log_likelihood, grad_weight
 
 
 def softmax_(logits: torch.Tensor) -> torch.Tensor:
