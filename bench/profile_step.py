@@ -2,10 +2,10 @@
 
     python bench/profile_step.py [--method lora|full] [--batch 8] [--steps 3]
 
-Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile", or "Profile: full
-fine-tuning"), and what the step's tensor memory holds at its peak (torch's memory timeline). Runs on the
-allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed): on glibc's malloc every
-tensor over 32 MB is fresh pages, and their faults land in whichever operator touches them first.
+Writes the top operators by self CPU time into bench/RESULTS.md (section "Profile on <CPU vendor>", with
+": full fine-tuning" for full), and what the step's tensor memory holds at its peak (torch's memory
+timeline). Runs on the allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed): on
+glibc's malloc every tensor over 32 MB is fresh pages, and their faults land in whichever operator touches them first.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import update_section  # noqa: E402
-from run import SOURCE_TOKENS, TARGET_TOKENS, make_data  # noqa: E402
+from run import SOURCE_TOKENS, TARGET_TOKENS, cpu_model, cpu_vendor, make_data  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
 GRADIENT_COLUMN = 6  # torch's memory timeline export: [0, parameter, optimizer state, input, temporary,
@@ -41,9 +41,12 @@ class Step:
     batch: dict[str, torch.Tensor]
 
     def __call__(self) -> None:
+        from peftlab.train.lean import dense_gradients, sparse_embedding_gradients
         from peftlab.train.loss import training_loss
 
-        training_loss(self.model)(self.model, self.batch).backward()
+        with sparse_embedding_gradients(self.model):
+            training_loss(self.model)(self.model, self.batch).backward()
+        dense_gradients(self.model.parameters())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -125,11 +128,11 @@ def main() -> None:
     memory = memory_at_peak(step)
     print(memory)
     what = "LoRA r=8 on q,v" if args.method == "lora" else "full fine-tuning"
-    update_section("Profile" if args.method == "lora" else "Profile: full fine-tuning",
+    update_section(f"Profile on {cpu_vendor()}" + ("" if args.method == "lora" else ": full fine-tuning"),
                    f"`python bench/profile_step.py --method {args.method} --batch {args.batch} --steps {args.steps}`: "
                    f"peftlab {what}, random:flan-t5-small, {SOURCE_TOKENS}+{TARGET_TOKENS} tokens, batch "
                    f"{args.batch}, {args.steps} steps, top {args.top} operators by self CPU time; allocator "
-                   f"{allocator_in_use()}.\n\n"
+                   f"{allocator_in_use()}; {cpu_model()}.\n\n"
                    f"```\n{table}\n```\n\n{memory}")
 
 

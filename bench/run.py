@@ -362,9 +362,16 @@ def memory_floor_line(rows) -> str:
             "applied), all alive when the forward pass ends: " + "; ".join(floors) + ".")
 
 
+def cpu_vendor() -> str:
+    """Intel, AMD, ...: the ratios differ by vendor (Intel multiplies subnormal numbers ~100x slower, and peft's
+    backward multiplies many), so each keeps its own sections in bench/RESULTS.md."""
+    return cpu_model().split()[0].removesuffix("(R)")
+
+
 def section_heading(repeats: int) -> str:
-    """Where bench/RESULTS.md keeps a run's figures: one section for single runs, one per pair count."""
-    main = "Training step: peftlab vs HF peft + Seq2SeqTrainer"
+    """Where bench/RESULTS.md keeps a run's figures: one section per CPU vendor for single runs, one per
+    vendor and pair count."""
+    main = f"Training step on {cpu_vendor()}: peftlab vs HF peft + Seq2SeqTrainer"
     return main if repeats == 1 else f"{main}, {repeats} interleaved pairs"
 
 

@@ -13,18 +13,21 @@ from transformers.activations import NewGELUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
+import peftlab.train.lean as lean_module
 from peftlab import apply, load_model
 from peftlab.methods import build_config
 from peftlab.train.lean import (
     BiasedAttention,
     GatedGELU,
     LeanTanhGELU,
+    dense_gradients,
     dropout,
     keep_from_16_bits,
     keep_mask,
     make_lean,
     rms_norm,
     seeded_keep_mask,
+    sparse_embedding_gradients,
 )
 from peftlab.train.loss import lm_loss
 from peftlab.train.recompute import is_recomputable, recomputing
@@ -325,3 +328,45 @@ def test_bart_layers_drop_out_where_the_stock_layers_do_and_keep_1_byte_masks(mo
     for m in (lean, model):  # torch's own dropout where each leaves it: a 4-byte mask in the stock layers
         run(m, torch_dropout)
     assert saved[lean] < saved[model]
+
+
+@pytest.mark.parametrize("preset,switched", [
+    ("t5-tiny", {"shared", "encoder.embed_tokens", "decoder.embed_tokens"}),  # one table; T5's 32 buckets: too few
+    ("gpt2-tiny", {"transformer.wpe"}),  # wte is tied to lm_head, whose gradient is dense anyway
+    ("bert-tiny", {"bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"})])
+def test_sparse_embedding_gradients_are_the_rows_used_and_come_back_dense_and_equal(monkeypatch, preset, switched):
+    monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 64)  # the tiny presets' 512-row tables
+    model, _ = load_model(f"random:{preset}")
+    model.requires_grad_(True).eval()
+    reference = copy.deepcopy(model)
+    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(0, 2, (3,))}
+    if model.config.is_encoder_decoder or preset.startswith("gpt2"):
+        batch["labels"] = torch.randint(2, 500, (3, 6)) if model.config.is_encoder_decoder else batch["input_ids"]
+    reference(**batch).loss.backward()
+    with sparse_embedding_gradients(model) as tables:
+        assert {n for n, m in model.named_modules() if m in tables} == switched
+        model(**batch).loss.backward()
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))  # restored
+    sparse = {id(m.weight) for m in tables}
+    for p in model.parameters():
+        if id(p) in sparse:
+            used_rows = p.grad.coalesce().indices().shape[1]  # at most one per token fed in, of 512
+            assert p.grad.is_sparse and 0 < used_rows <= batch["input_ids"].numel() + batch["labels"].numel()
+    dense_gradients(model.parameters())
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert not ours.grad.is_sparse
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_frozen_or_disabled_embedding_tables_keep_dense_gradients(monkeypatch):
+    monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 64)
+    model, _ = load_model("random:t5-tiny")
+    apply(model, build_config("lora", model_type="t5"))  # embeddings frozen
+    with sparse_embedding_gradients(model) as tables:
+        assert tables == []
+    model.requires_grad_(True)
+    with sparse_embedding_gradients(model, enabled=False) as tables:
+        assert tables == []
+    monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 4096)  # 512 rows: too few to gain
+    with sparse_embedding_gradients(model) as tables:
+        assert tables == []

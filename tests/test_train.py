@@ -1,5 +1,6 @@
 """`peftlab train`: the loop learns, logs what HF Trainer would, checkpoints and resumes exactly."""
 
+import contextlib
 import copy
 import json
 import math
@@ -234,6 +235,36 @@ def test_redraw_masks_trains_bit_for_bit_as_without(tmp_path, monkeypatch):
     assert [(r["loss"], r["grad_norm"]) for r in redrawn.logs] == [(r["loss"], r["grad_norm"]) for r in kept.logs]
     ours, theirs = (load_file(r.output / "adapter_model.safetensors") for r in (redrawn, kept))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_sparse_embedding_gradients_train_as_dense_ones(tmp_path, monkeypatch):
+    """Full fine-tuning with sparse embedding gradients (accumulated over 2 micro-batches, made dense before
+    clipping and AdamW) logs the losses and gradient norms of dense ones and ends at the same weights."""
+    common = {"model.name": "random:t5-tiny", "method.name": "full", "run.max_steps": 4, "run.grad_accum": 2,
+              "run.batch_size": 4, "run.logging_steps": 1, "model.overrides": {"dropout_rate": 0.0},
+              "optim.lr": 1e-3, **TASKS["t5-tiny"]}
+    switched, switch = [], loop.sparse_embedding_gradients
+
+    @contextlib.contextmanager
+    def spied(model, enabled=True):
+        with switch(model, enabled) as tables:
+            switched.append(len(tables))
+            yield tables
+
+    monkeypatch.setattr(loop, "sparse_embedding_gradients", spied)
+    monkeypatch.setattr(lean, "SPARSE_GRADIENT_MIN_ROWS", 64)  # t5-tiny's 512-row table
+    sparse = run(tmp_path, "sparse", common)
+    switched_sparse, switched[:] = switched[:], []
+    monkeypatch.setattr(lean, "SPARSE_GRADIENT_MIN_ROWS", 10**9)
+    dense = run(tmp_path, "dense", common)
+    assert switched_sparse == [3] * 4 and switched == [0] * 4  # shared, encoder's and decoder's: one table
+    for a, b in zip(sparse.logs, dense.logs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    ours, theirs = (load_file(r.output / "model.safetensors") for r in (sparse, dense))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_switches_keep_the_math(tmp_path):

@@ -17,6 +17,11 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
   that keeps q, k, v and the 1-byte dropout mask and recomputes the probabilities in backward (the stock
   paths keep the probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
 
+Around each training step's backward (`sparse_embedding_gradients`, CPU, one process), trainable embedding
+tables of 4,096 rows or more that are not tied to the output layer get sparse gradients, the rows the batch
+used, made dense before clipping (`dense_gradients`): full fine-tuning of flan-t5-small at batch 8 peaks
+~70 MB lower.
+
 Their outputs that are cheap to rebuild from what backward keeps anyway are marked `recomputable`
 (`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
 hands to q, k, v (or to LoRA) and to the feed-forward, T5's dropout(GELU(gate) * up) that a training `wo`
@@ -27,10 +32,12 @@ Each is tested against the module it replaces (outputs and gradients, with the s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import types
 from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +55,7 @@ from peftlab.train.recompute import is_recomputable, recomputable, redraws_masks
 
 LEAN_ATTENTION = "peftlab_lean"
 NUMPY_MASK_MIN = 2**16  # mask entries; below this, seeding SFC64 costs more than it saves
+SPARSE_GRADIENT_MIN_ROWS = 4096  # embedding tables smaller than this (T5's position buckets) gain nothing
 # model type -> (attention class, config field of its attention dropout). T5 has no fused kernel (position
 # bias: eager only); the others are switched only with attention dropout, where sdpa on CPU falls back to its
 # math path and keeps the probabilities twice; without it, sdpa's fused kernel keeps as little (and Llama-style
@@ -335,6 +343,32 @@ LEAN_MODULES = {nn.Dropout: (LeanDropout, "dropout"), NewGELUActivation: (LeanTa
                 T5LayerNorm: (LeanT5LayerNorm, "RMSNorm"), LlamaRMSNorm: (LeanLlamaRMSNorm, "RMSNorm"),
                 **{layer: (with_lean_dropout(layer), "BART layer dropout")
                    for layer in (BartEncoderLayer, BartDecoderLayer)}}
+
+
+@contextlib.contextmanager
+def sparse_embedding_gradients(model: nn.Module, enabled: bool = True) -> Iterator[list[nn.Embedding]]:
+    """Inside the block, backward gives each trainable embedding table (of at least SPARSE_GRADIENT_MIN_ROWS
+    rows, not tied to the output layer) a sparse gradient: the rows the batch used, not the whole table (a dense
+    one is allocated, zero-filled and summed while the encoder's activations are still alive: flan-t5-small's
+    is 63 MiB, and the top of full fine-tuning's memory). `dense_gradients` turns them back into the same dense
+    values before clipping and the optimizer read them. Yields the tables switched."""
+    head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and not m.sparse and m.weight.requires_grad
+              and m.num_embeddings >= SPARSE_GRADIENT_MIN_ROWS and m.weight is not head] if enabled else []
+    for table in tables:
+        table.sparse = True
+    try:
+        yield tables
+    finally:
+        for table in tables:
+            table.sparse = False
+
+
+def dense_gradients(parameters: Iterable[torch.Tensor]) -> None:
+    """Make every sparse gradient dense (duplicate rows summed): what clipping and AdamW take."""
+    for p in parameters:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
 
 
 def make_lean(model: nn.Module, attention: bool = True) -> list[str]:

@@ -26,7 +26,7 @@ from peftlab.train import distributed, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
-from peftlab.train.lean import make_lean
+from peftlab.train.lean import dense_gradients, make_lean, sparse_embedding_gradients
 from peftlab.train.loss import training_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
@@ -259,25 +259,30 @@ def _optimizer_step(cfg, trainable, optimizer, scheduler) -> tuple[float, float]
 
 
 def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, task: str) -> tuple[float, int]:
-    """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens (all processes).
+    """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens (all processes),
+    with every gradient dense.
 
     In several processes each loss is scaled by this process's share of the micro-batch's loss units, times
     the world size, so the gradient average equals the single-process gradient of the whole micro-batch."""
     accum = cfg.run.grad_accum
     total_loss, tokens = 0.0, 0
-    for i in range(accum):
-        batch, real = stream.next()
-        batch = {k: v.to(device) for k, v in batch.items()}
-        weight = 1.0
-        if world.distributed:
-            units = distributed.loss_units(batch, task == "causal") if real else 0
-            weight = units * world.size / max(distributed.all_reduce([units], world)[0], 1)
-        with distributed.gradient_sync(wrapped, model, world, enabled=i == accum - 1):
-            with autocast(device, cfg.run.precision):
-                loss = wrapped(batch) * (weight / accum)
-            loss.backward()
-        total_loss += loss.item()
-        tokens += batch_tokens(batch, task == "seq2seq") if real else 0
+    # sparse embedding gradients: measured on CPU only; DDP's buckets and FSDP's flat parameters take dense ones
+    sparse = cfg.run.lean_kernels and not world.distributed and device.type == "cpu"
+    with sparse_embedding_gradients(model, enabled=sparse):
+        for i in range(accum):
+            batch, real = stream.next()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            weight = 1.0
+            if world.distributed:
+                units = distributed.loss_units(batch, task == "causal") if real else 0
+                weight = units * world.size / max(distributed.all_reduce([units], world)[0], 1)
+            with distributed.gradient_sync(wrapped, model, world, enabled=i == accum - 1):
+                with autocast(device, cfg.run.precision):
+                    loss = wrapped(batch) * (weight / accum)
+                loss.backward()
+            total_loss += loss.item()
+            tokens += batch_tokens(batch, task == "seq2seq") if real else 0
+    dense_gradients(model.parameters())
     total_loss, tokens = distributed.all_reduce([total_loss / world.size, tokens], world)
     if not is_finite(total_loss):
         raise PeftlabError(f"loss became {total_loss} at step {step + 1}: lower --lr or check the data; "
