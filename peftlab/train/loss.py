@@ -18,7 +18,7 @@ from torch import nn
 from peftlab.data.tasks import IGNORE_INDEX
 from peftlab.train.recompute import recomputing
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 128  # rows per chunk: 128 x 32,128 fp32 = 16 MiB alive; as fast as 256 (64: 15-25% slower)
 SUPPORTED = ("t5", "mt5", "gpt2", "llama", "mistral", "qwen2")  # lm_head output is the logits, nothing added
 
 
