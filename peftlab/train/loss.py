@@ -34,11 +34,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = None
         for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            rows = slice(start, start + chunk)
+            h, y = hidden[rows], targets[rows]
             if not (want_hidden or want_weight):
                 total -= torch.log_softmax((h @ weight.T).float(), dim=-1).gather(1, y[:, None]).sum()
                 continue
-            rows = slice(start, start + chunk)
             # one call per chunk: its vocabulary-sized buffer is freed before the next chunk's is made
             log_likelihood, grad_weight = chunk_loss_and_gradients(
                 h, weight, y, want_weight, grad_weight, None if grad_hidden is None else grad_hidden[rows])
