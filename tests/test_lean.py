@@ -16,6 +16,7 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm
 import peftlab.train.lean as lean_module
 from peftlab import apply, load_model
 from peftlab.methods import build_config
+from peftlab.train import recompute
 from peftlab.train.lean import (
     BiasedAttention,
     GatedGELU,
@@ -25,6 +26,7 @@ from peftlab.train.lean import (
     keep_from_16_bits,
     keep_mask,
     make_lean,
+    masked_scale,
     rms_norm,
     seeded_keep_mask,
     sparse_embedding_gradients,
@@ -79,18 +81,32 @@ def test_keep_mask_follows_torch_seed(shape):
     assert not torch.equal(first, second)
 
 
-def test_a_mask_is_marked_for_redrawing_only_where_asked_and_its_recipe_redraws_it():
+def test_backward_keeps_a_numpy_mask_as_packed_bits_or_only_its_seed_and_reads_the_same_mask():
+    """A mask drawn by numpy is kept for backward as its bits, eight to a byte; with `redraw_masks` as nothing
+    but its seed. Either way backward reads the very mask the forward pass drew. A small mask (torch's
+    generator) is not marked, and the seed really is the one numpy drew from."""
+    x, grad = torch.randn(512, 512, requires_grad=True), torch.randn(512, 512)
     torch.manual_seed(11)
-    plain = keep_mask((512, 512), 0.3, "cpu")
-    assert not is_recomputable(plain)
-    torch.manual_seed(11)
-    with recomputing(redraw_masks=True):
-        marked = keep_mask((512, 512), 0.3, "cpu")
-        small = keep_mask((16, 16), 0.3, "cpu")  # torch's generator: no seed to redraw from
-    assert torch.equal(marked, plain) and is_recomputable(marked) and not is_recomputable(small)
+    drawn = keep_mask(x.shape, 0.3, "cpu")
+    expected_grad = masked_scale(grad, drawn, 1 / 0.7)
+    for redraw, kept_bytes in ((False, x.numel() // 8), (True, 0)):
+        kept: dict[int, int] = {}
+
+        def count(t, kept=kept):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+        torch.manual_seed(11)
+        with recompute.observing_kept(count), recomputing(redraw_masks=redraw):
+            y = dropout(x, 0.3)  # saves the mask only
+            small = keep_mask((16, 16), 0.3, "cpu")
+        assert sum(kept.values()) == kept_bytes, redraw
+        assert torch.equal(y, masked_scale(x.detach(), drawn, 1 / 0.7)) and not is_recomputable(small)
+        x.grad = None
+        y.backward(grad)
+        assert torch.equal(x.grad, expected_grad), redraw
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    assert torch.equal(seeded_keep_mask(seed, (512, 512), 0.3), plain)
+    assert torch.equal(seeded_keep_mask(seed, (512, 512), 0.3), drawn)
 
 
 def test_dropout_zeroes_or_scales_and_its_gradient_uses_the_same_mask():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import Counter
 
 import pytest
 import torch
@@ -187,24 +188,25 @@ def test_a_recipe_read_by_another_recipe_first_is_computed_once():
 
 
 def test_redraw_masks_draws_dropout_masks_again_in_backward():
-    """With `redraw_masks`, masks of NUMPY_MASK_MIN entries or more (every dropout of a real batch) are redrawn
-    from their seed in backward: none of them among what backward keeps (without it, many), and the loss and
-    every gradient as when they are kept."""
+    """Masks of NUMPY_MASK_MIN entries or more (every dropout of a real batch) are kept as packed bits, not as
+    bytes; with `redraw_masks` not at all (redrawn from their seed in backward). The loss and every gradient
+    are the same either way."""
     model = lean_model("lora")  # T5's dropout and LoRA's, rate 0.1 each
     batch = {"input_ids": torch.randint(2, 500, (8, 128)), "labels": torch.randint(2, 500, (8, 128))}
     assert batch["input_ids"].numel() * model.config.d_model >= NUMPY_MASK_MIN
     results, kept = [], []
     for redraw in (False, True):
-        masks = {}
+        masks: dict[int, tuple[torch.dtype, int]] = {}
 
         def count(t, masks=masks):
-            if t.dtype == torch.bool and t.numel() >= NUMPY_MASK_MIN:
-                masks[t.untyped_storage().data_ptr()] = t.numel()
+            if t.dtype == torch.uint8 or (t.dtype == torch.bool and t.numel() >= NUMPY_MASK_MIN):
+                masks[t.untyped_storage().data_ptr()] = (t.dtype, t.numel())
 
         with recompute.observing_kept(count):
             results.append(loss_and_grads(model, batch, recomputing(redraw_masks=redraw)))
-        kept.append(len(masks))
-    assert kept[0] > 0 and kept[1] == 0
+        kept.append(Counter(dtype for dtype, _ in masks.values()))
+    assert kept[0][torch.uint8] > 0 and kept[0][torch.bool] == 0  # packed, one per numpy-drawn mask
+    assert kept[1] == Counter()
     (loss, grads), (loss_again, grads_again) = results
     assert torch.equal(loss_again, loss)
     assert grads.keys() == grads_again.keys() and len(grads) > 0

@@ -117,9 +117,9 @@ class LoraConfig(MethodConfig):
 
 
 class DroppedLowRank(torch.autograd.Function):
-    """scaling * B A dropout(x), saving x and a 1-byte keep mask rather than the dropped-out copy of x that
-    `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept alive by the graph anyway,
-    and q and v share it)."""
+    """scaling * B A dropout(x), saving x and the keep mask (`lean.keep_mask`) rather than the dropped-out copy
+    of x that `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept alive by the graph
+    anyway, and q and v share it)."""
 
     @staticmethod
     def forward(ctx, x, weight_A, weight_B, p: float, scaling: float):

@@ -4,8 +4,10 @@
 or names, so state dicts, adapters and checkpoints are unchanged. What it switches:
 
 - every `nn.Dropout`: the keep mask is drawn as integers, on CPU 16-bit ones from numpy's SFC64 with the rate
-  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`), and only the 1-byte mask is kept
-  for backward; with `run.redraw_masks` not even that: backward draws it again from its seed.
+  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`), and only the mask is kept for
+  backward, its bits packed eight to a byte (under `recompute.recomputing()`, as the training loss runs;
+  bool masks, a byte an entry, elsewhere and for masks torch draws); with `run.redraw_masks` not even that:
+  backward draws it again from its seed.
 - GELU(tanh) written out in Python (`gelu_new`: T5, GPT-2), which keeps four full-size tensors for backward:
   the same function as one fused kernel that keeps its input.
 - RMSNorm (T5, Llama): one function that keeps x and 1/rms, not x and the normalised x, in fewer passes.
@@ -14,7 +16,7 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
 - BART's encoder and decoder layers, which call `nn.functional.dropout` (on CPU it keeps a 4-byte mask, the
   product's other operand): the same forward with the dropout above.
 - T5, GPT-2 and BART attention: softmax(q k^T + position bias + mask), dropout, times v, as one function
-  that keeps q, k, v and the 1-byte dropout mask and recomputes the probabilities in backward (the stock
+  that keeps q, k, v and the dropout mask and recomputes the probabilities in backward (the stock
   paths keep the probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
 
 Around each training step's backward (`sparse_embedding_gradients`, CPU, one process), trainable embedding
@@ -66,15 +68,19 @@ ATTENTION_CLASSES = {"t5": ("T5Attention", None), "mt5": ("MT5Attention", None),
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
     """A boolean mask, each entry True with probability 1 - p. Seeded from torch's generator, so
-    `torch.manual_seed` reproduces it. Inside `recompute.recomputing(redraw_masks=True)` a mask drawn by numpy
-    is marked `recomputable` from its seed: backward draws it again rather than keeping it."""
+    `torch.manual_seed` reproduces it. A mask drawn by numpy (CPU) is marked `recomputable`: under
+    `recompute.recomputing()` backward keeps its bits packed eight to a byte, and with `redraw_masks=True`
+    only its seed (backward draws it again)."""
     count = math.prod(shape)
     if torch.device(device).type == "cpu" and count >= NUMPY_MASK_MIN:
         # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this; seeding SFC64 costs
         # ~10 us, one draw from torch's generator
         seed, shape = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)), tuple(shape)
         keep = seeded_keep_mask(seed, shape, p)
-        return recomputable(keep, seeded_keep_mask, (), seed, shape, p) if redraws_masks() else keep
+        if redraws_masks():
+            return recomputable(keep, seeded_keep_mask, (), seed, shape, p)
+        # packing and unpacking take ~2% of the draw's time; a byte per entry would be 8x the memory
+        return recomputable(keep, unpacked_mask, (torch.from_numpy(np.packbits(keep.numpy())),), shape)
     threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)  # an int32 either way (p within 2^-33 of 1: keep ~0)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
     return (bits.view(torch.int32)[:count] >= threshold).view(shape)
@@ -85,6 +91,12 @@ def seeded_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tenso
     with record_function("peftlab::keep_mask"):  # numpy's work is no torch operator: name it for profiles
         keep = keep_from_16_bits(np.random.SFC64(seed), p, np.empty(math.prod(shape), dtype=bool))
     return torch.from_numpy(keep.reshape(shape))  # not a view: `recomputing()` finds a mark on the base
+
+
+def unpacked_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The boolean mask of `shape` whose bits `np.packbits` packed into `packed`."""
+    bits = np.unpackbits(packed.numpy(), count=math.prod(shape))
+    return torch.from_numpy(bits.view(bool).reshape(shape))
 
 
 def keep_from_16_bits(generator: np.random.BitGenerator, p: float, out: np.ndarray) -> np.ndarray:
@@ -281,7 +293,7 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class BiasedAttention(torch.autograd.Function):
     """dropout(softmax(q k^T * scale + bias + mask)) v, saving q, k, v, the (shared) bias and mask tensors and
-    the 1-byte keep mask; backward recomputes the probabilities. Products run in the inputs' dtype, the
+    the keep mask; backward recomputes the probabilities. Products run in the inputs' dtype, the
     softmax in fp32 at least, both ways (as autocast runs the stock attention; autocast itself is off inside)."""
 
     @staticmethod

@@ -4,10 +4,11 @@ dropout mask). A module marks such an output `recomputable`; under `recomputing(
 recipe in its place and runs it when backward reads the tensor. Unlike gradient checkpointing nothing runs
 twice but these elementwise recipes, and the gradients are bit for bit the same. `recomputing(redraw_masks=
 True)` (`run.redraw_masks`) also redraws dropout masks drawn by numpy (CPU) from their seeds: that trades a
-second draw of every mask for the masks' bytes (bench/RESULTS.md, the +redraw rows).
+second draw of every mask for the masks' packed bits (bench/RESULTS.md, the +redraw rows).
 
-A recipe holds only tensors that the graph keeps anyway (a marked input enters as its own recipe), checks
-their versions as autograd checks what it saved, and runs under the autocast state the forward pass had.
+A recipe holds tensors that the graph keeps anyway (a marked input enters as its own recipe), or, for a
+dropout mask, its bits packed eight to a byte (`lean.keep_mask`); it checks their versions as autograd checks
+what it saved, and runs under the autocast state the forward pass had.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Recipe:
 
     def packed(self) -> None:
         self.unread += 1
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """The tensors this recipe (and those it reads) holds."""
+        for x in self.inputs:
+            yield from x.tensors() if isinstance(x, Recipe) else (x,)
 
     def current(self) -> torch.Tensor:
         """The value a read in progress computed, else a fresh one, kept for a read still to come (a dropout
@@ -105,6 +111,9 @@ def _pack(t: torch.Tensor):
             observe(t)
         return t
     recipe.packed()
+    for observe in _kept_observers:
+        for kept in recipe.tensors():
+            observe(kept)
     return _Recomputed(recipe, None if base is t else (t.shape, t.stride(), t.storage_offset()))
 
 
@@ -138,8 +147,8 @@ def redraws_masks() -> bool:
 
 @contextlib.contextmanager
 def observing_kept(observe: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Inside, `recomputing()` hands `observe` each tensor that backward keeps as it is: what a count of saved
-    activations counts (a recipe's inputs are among them)."""
+    """Inside, `recomputing()` hands `observe` each tensor that backward keeps: those saved as they are and
+    those the recipes kept in place of others hold (a tensor may come more than once: count storages)."""
     _kept_observers.append(observe)
     try:
         yield
