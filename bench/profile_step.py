@@ -33,22 +33,20 @@ GRADIENT_COLUMN = 6  # torch's memory timeline export: [0, parameter, optimizer 
 
 @dataclass
 class Step:
-    """One peftlab training step (forward, backward, fused AdamW) on random:flan-t5-small, as `peftlab train`
-    runs it (lean kernels, model dropout, LoRA dropout 0.05)."""
+    """One peftlab training step (forward, backward, clipping to norm 1.0, fused AdamW) on random:flan-t5-small,
+    as `peftlab train` runs it (lean kernels, model dropout, LoRA dropout 0.05)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batch: dict[str, torch.Tensor]
 
     def __call__(self) -> None:
-        from peftlab.train.lean import dense_gradients, sparse_embedding_gradients
+        from peftlab.train.lean import clipped_step, sparse_embedding_gradients
         from peftlab.train.loss import training_loss
 
         with sparse_embedding_gradients(self.model):
             training_loss(self.model)(self.model, self.batch).backward()
-        dense_gradients(self.model.parameters())
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_step(self.optimizer, [p for p in self.model.parameters() if p.requires_grad], 1.0)
 
 
 def build_step(method: str, batch_size: int) -> Step:

@@ -21,7 +21,7 @@ from peftlab.train.lean import (
     BiasedAttention,
     GatedGELU,
     LeanTanhGELU,
-    dense_gradients,
+    clipped_step,
     dropout,
     keep_from_16_bits,
     keep_mask,
@@ -368,10 +368,44 @@ def test_sparse_embedding_gradients_are_the_rows_used_and_come_back_dense_and_eq
         if id(p) in sparse:
             used_rows = p.grad.coalesce().indices().shape[1]  # at most one per token fed in, of 512
             assert p.grad.is_sparse and 0 < used_rows <= batch["input_ids"].numel() + batch["labels"].numel()
-    dense_gradients(model.parameters())
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert not ours.grad.is_sparse
-        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(ours.grad.to_dense(), theirs.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, math.inf])  # clipping every gradient, and none
+def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_step(monkeypatch, max_norm):
+    """Same norm, weights and AdamW state as torch's clip_grad_norm_ + step on dense gradients, and the sparse
+    gradient is made dense only after the other gradients are freed."""
+    monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 64)
+    model, _ = load_model("random:t5-tiny")
+    model.requires_grad_(True).eval()
+    reference = copy.deepcopy(model)
+    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
+    ours, theirs = (torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (model, reference))
+    step_calls = []
+    original_step = ours.step
+
+    def recording_step(*args, **kwargs):
+        step_calls.append({name for name, p in model.named_parameters() if p.grad is not None})
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "step", recording_step)
+    for _ in range(2):  # the second step reads the state the first left
+        reference(**batch).loss.backward()
+        expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), max_norm)
+        theirs.step()
+        theirs.zero_grad(set_to_none=True)
+        with sparse_embedding_gradients(model):
+            model(**batch).loss.backward()
+        norm = clipped_step(ours, list(model.parameters()), max_norm)
+        torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    assert step_calls[1] == {"shared.weight"}  # alone: every other gradient was already freed
+    assert "shared.weight" not in step_calls[0] and len(step_calls[0]) == len(list(model.parameters())) - 1
+    assert all(p.grad is None for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+        for key, value in theirs.state[q].items():
+            torch.testing.assert_close(ours.state[p][key], value, atol=1e-6, rtol=1e-5, msg=f"{name} {key}")
 
 
 def test_frozen_or_disabled_embedding_tables_keep_dense_gradients(monkeypatch):

@@ -26,7 +26,7 @@ from peftlab.train import distributed, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
-from peftlab.train.lean import dense_gradients, make_lean, sparse_embedding_gradients
+from peftlab.train.lean import clipped_step, make_lean, sparse_embedding_gradients
 from peftlab.train.loss import training_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
@@ -249,18 +249,15 @@ class LogWindow:
 
 def _optimizer_step(cfg, trainable, optimizer, scheduler) -> tuple[float, float]:
     """Clip, step, advance the schedule; returns the pre-clip grad norm and the rate this step used."""
-    grad_norm = float(distributed.local_tensor(
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm or math.inf)))
     learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
+    grad_norm = float(distributed.local_tensor(clipped_step(optimizer, trainable, cfg.optim.max_grad_norm or math.inf)))
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return grad_norm, learning_rate
 
 
 def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, task: str) -> tuple[float, int]:
     """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens (all processes),
-    with every gradient dense.
+    the gradients left in the parameters (a large embedding table's sparse on one CPU process: `clipped_step`).
 
     In several processes each loss is scaled by this process's share of the micro-batch's loss units, times
     the world size, so the gradient average equals the single-process gradient of the whole micro-batch."""
@@ -282,7 +279,6 @@ def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, ta
                 loss.backward()
             total_loss += loss.item()
             tokens += batch_tokens(batch, task == "seq2seq") if real else 0
-    dense_gradients(model.parameters())
     total_loss, tokens = distributed.all_reduce([total_loss / world.size, tokens], world)
     if not is_finite(total_loss):
         raise PeftlabError(f"loss became {total_loss} at step {step + 1}: lower --lr or check the data; "
