@@ -350,7 +350,7 @@ def test_bart_layers_drop_out_where_the_stock_layers_do_and_keep_1_byte_masks(mo
     ("t5-tiny", {"shared", "encoder.embed_tokens", "decoder.embed_tokens"}),  # one table; T5's 32 buckets: too few
     ("gpt2-tiny", {"transformer.wpe"}),  # wte is tied to lm_head, whose gradient is dense anyway
     ("bert-tiny", {"bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"})])
-def test_sparse_embedding_gradients_are_the_rows_used_and_come_back_dense_and_equal(monkeypatch, preset, switched):
+def test_sparse_embedding_gradients_are_the_rows_used_and_equal_the_dense_ones(monkeypatch, preset, switched):
     monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 64)  # the tiny presets' 512-row tables
     model, _ = load_model(f"random:{preset}")
     model.requires_grad_(True).eval()
