@@ -1,7 +1,8 @@
 """Side-by-side training benchmark: peftlab against HF peft + Seq2SeqTrainer, in the same run.
 
     python bench/run.py                       # LoRA r=8 on q,v, full fine-tuning, LoRA + gradient checkpointing,
-                                              # LoRA with peftlab's dropout masks redrawn in backward
+                                              # LoRA with peftlab's dropout masks redrawn in backward, and with
+                                              # its linear outputs recomputed in backward
     python bench/run.py --steps 4 --batches 32 --methods lora
 
 Each (tool, method, batch) runs in its own process so peak RSS is its own. Same data (random tokens,
@@ -33,8 +34,12 @@ SOURCE_TOKENS, TARGET_TOKENS = 128, 64
 TIME_TARGETS = {"lora": 0.5, "full": 0.7}  # the issue's headline step-time ratios
 MEMORY_TARGETS = {"lora": 0.5, "full": 0.7}  # and peak-memory ratios
 # what `make bench` runs (the defaults below)
-DEFAULTS = {"methods": "lora,full,lora+gc,lora+redraw", "batches": "8,32", "steps": 8, "trajectory_steps": 20,
-            "repeats": 1}
+# peftlab's own switches for extra rows (peft has none of them: its side runs as in the plain row)
+PEFTLAB_ONLY = {"redraw": ("run.redraw_masks", "dropout masks drawn again in backward instead of kept"),
+                "recompute": ("run.recompute_linear", "q, k, v, gate and up recomputed in backward from the "
+                              "normalised input instead of kept")}
+DEFAULTS = {"methods": "lora,full,lora+gc,lora+redraw,lora+recompute", "batches": "8,32", "steps": 8,
+            "trajectory_steps": 20, "repeats": 1}
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results import update_section  # noqa: E402
@@ -59,15 +64,15 @@ def peak_rss_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
-def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool,
-                checkpointing: bool, redraw_masks: bool) -> dict:
+def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, extras: list[str]) -> dict:
     validation = out.parent / "validation.jsonl"  # the loop scores it once at the end: keep it one batch
     validation.write_text("".join(data.read_text().splitlines(keepends=True)[:batch]))
     from peftlab.train.config import load_config
     from peftlab.train.loop import train
 
     config = load_config(None, {
-        "run.gradient_checkpointing": checkpointing, "run.redraw_masks": redraw_masks,
+        "run.gradient_checkpointing": "gc" in extras,
+        **{key: extra in extras for extra, (key, _) in PEFTLAB_ONLY.items()},
         "model.name": "random:flan-t5-small", "data.train": str(data), "data.validation": str(validation),
         "data.input_column": "source", "data.target_column": "target", "data.group_by_length": False,
         "data.max_source_length": SOURCE_TOKENS, "data.max_target_length": TARGET_TOKENS,
@@ -82,9 +87,9 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, drop
             "before_model_mb": before_model}
 
 
-def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, checkpointing: bool,
-           redraw_masks: bool) -> dict:
-    """peft + Seq2SeqTrainer; `redraw_masks` has no counterpart there (the run is the plain one)."""
+def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: bool, extras: list[str]) -> dict:
+    """peft + Seq2SeqTrainer; of the extras only "gc" has a counterpart there (the others: the plain run)."""
+    checkpointing = "gc" in extras
     import datasets
     import peft
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
@@ -187,11 +192,10 @@ def child(args: argparse.Namespace) -> None:
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         runner = run_peftlab if args.tool == "peftlab" else run_hf
-        # "lora+gc": the same run with gradient checkpointing on both sides; "+redraw": peftlab redraws its
-        # dropout masks in backward (run.redraw_masks), peft has no such switch and runs as it is
+        # "lora+gc": the same run with gradient checkpointing on both sides; PEFTLAB_ONLY's extras switch
+        # peftlab's own options, peft has no such switch and runs as it is
         method, *extras = args.method.split("+")
-        result = runner(data, method, args.batch, args.steps, Path(tmp) / "out", not args.no_dropout,
-                        "gc" in extras, "redraw" in extras)
+        result = runner(data, method, args.batch, args.steps, Path(tmp) / "out", not args.no_dropout, extras)
     from peftlab.train.allocator import allocator_in_use
 
     result["peak_rss_mb"] = peak_rss_mb()
@@ -293,8 +297,8 @@ def main() -> None:
     p.add_argument("--method", default="lora")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--methods", default=DEFAULTS["methods"], help="lora, full, and either with +gc (gradient "
-                   "checkpointing on both sides) or +redraw (peftlab's run.redraw_masks): extra rows, not in the "
-                   "headline")
+                   "checkpointing on both sides), +redraw (peftlab's run.redraw_masks) or +recompute (peftlab's "
+                   "run.recompute_linear): extra rows, not in the headline")
     p.add_argument("--batches", default=DEFAULTS["batches"])
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument("--trajectory-steps", type=int, default=DEFAULTS["trajectory_steps"],
@@ -328,7 +332,7 @@ def main() -> None:
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
             largest = max(map(int, args.batches.split(",")))
-            if "+redraw" in method:  # peft's side is the plain row's again
+            if set(method.split("+")[1:]) & PEFTLAB_ONLY.keys():  # peft's side is the plain row's again
                 continue
             # how much of the gap is the allocator, and then the subnormal flush: peft with them too
             for flush in (False, True):
@@ -434,13 +438,14 @@ def write_results(path: Path, rows, trajectories, same_allocator, peak: float, s
     if against_plain:
         lines += ["", "With gradient checkpointing, peftlab's peak against peft's without it (the issue's "
                   "LoRA target is <= 0.25): " + "; ".join(against_plain) + "."]
-    redrawn = [f"{m} batch {b}: peak {o['peak_rss_mb'] - ours[plain, b]['peak_rss_mb']:+.0f} MB, step time "
-               f"x{o['median_step_s'] / ours[plain, b]['median_step_s']:.2f}"
-               for m, b, o, _ in rows if (plain := m.removesuffix("+redraw"), b) in ours and plain != m]
-    if redrawn:
-        lines += ["", "Rows with +redraw: peftlab with `run.redraw_masks` (dropout masks drawn again in backward "
-                  "instead of kept; peft as in the plain row), against peftlab's plain row in the same run: "
-                  + "; ".join(redrawn) + "."]
+    for extra, (key, what) in PEFTLAB_ONLY.items():
+        changed = [f"{m} batch {b}: peak {o['peak_rss_mb'] - ours[plain, b]['peak_rss_mb']:+.0f} MB, step time "
+                   f"x{o['median_step_s'] / ours[plain, b]['median_step_s']:.2f}, against peft's peak "
+                   f"{o['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+                   for m, b, o, t in rows if (plain := m.removesuffix(f"+{extra}"), b) in ours and plain != m]
+        if changed:
+            lines += ["", f"Rows with +{extra}: peftlab with `{key}` ({what}; peft as in the plain row), against "
+                      "peftlab's plain row in the same run: " + "; ".join(changed) + "."]
     if same_allocator:
         lines += ["", "peft + Trainer given what peftlab's speed owes least to its own code: its allocator "
                   "(preloaded), then also its flush of subnormal numbers (torch.set_flush_denormal for peft's "

@@ -20,8 +20,8 @@ def test_dropped_low_rank_equals_reference(p):
     reference = ((x * keep / (1 - p)) @ A.T @ B.T) * 2.5
     reference_grads = torch.autograd.grad(reference, (x, A, B), upstream)
 
-    torch.manual_seed(7)  # the same mask inside the custom function
-    ours = lora.DroppedLowRank.apply(x, A, B, p, 2.5)
+    torch.manual_seed(7)
+    ours = lora.DroppedLowRank.apply(x, keep_mask(x.shape, p, x.device), A, B, p, 2.5)
     our_grads = torch.autograd.grad(ours, (x, A, B), upstream)
     torch.testing.assert_close(ours, reference)
     for a, b in zip(our_grads, reference_grads, strict=True):

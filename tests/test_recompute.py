@@ -19,15 +19,16 @@ from peftlab.train.loss import lm_loss
 from peftlab.train.recompute import recomputing
 
 
-def lean_model(method: str | None, preset: str = "t5-tiny"):
-    """A lean model with its dropout on (LoRA's too), or with every weight training."""
+def lean_model(method: str | None, preset: str = "t5-tiny", linear: bool = False, dropout: float = 0.1):
+    """A lean model with its dropout on (LoRA's too), or with every weight training; `linear`: its linear
+    layers' outputs recomputable too (`run.recompute_linear`)."""
     torch.manual_seed(0)
     model, _ = load_model(f"random:{preset}")
     if method:
-        apply(model, build_config(method, model_type=model.config.model_type, dropout=0.1))
+        apply(model, build_config(method, model_type=model.config.model_type, dropout=dropout))
     else:
         model.requires_grad_(True)
-    make_lean(model)
+    make_lean(model, linear=linear)
     return model.train()
 
 
@@ -40,11 +41,13 @@ def loss_and_grads(model, batch, context) -> tuple[torch.Tensor, dict[str, torch
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("llama-tiny", None)])
-def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, method, bf16):
-    """Also under bf16 autocast, where a recipe must run as its forward ran (GELU and the products in bf16)."""
-    model = lean_model(method, preset)
+def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, method, bf16, linear):
+    """Also under bf16 autocast, where a recipe must run as its forward ran (GELU and the products in bf16),
+    and with the linear layers' outputs recomputed (LoRA's with its dropout mask)."""
+    model = lean_model(method, preset, linear)
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
     if not model.config.is_encoder_decoder:
         batch["labels"] = batch["input_ids"].clone()
@@ -59,7 +62,8 @@ def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, metho
         loss_again, grads_again = loss_and_grads(
             model, batch, torch.autograd.graph.saved_tensors_hooks(pack, recompute._unpack))
     # under autocast a training linear layer keeps its own bf16 copy of its input: nothing of ours to rebuild
-    assert any(recomputed) != (bf16 and method is None)
+    # but the linear layers' outputs, where those are recomputable
+    assert any(recomputed) != (bf16 and method is None and not linear)
     assert torch.equal(loss_again, loss)
     assert grads.keys() == grads_again.keys() and len(grads) > 0
     for name, grad in grads.items():
@@ -94,6 +98,34 @@ def test_recomputing_frees_the_normalised_x_and_what_wo_reads(method):
         loss.backward()
     for hook in hooks:
         hook.remove()
+
+
+@pytest.mark.parametrize("method,lora_dropout", [("lora", 0.1), ("lora", 0.0), (None, 0.0)])
+def test_recompute_linear_keeps_no_projection_of_attention_or_the_feed_forward(method, lora_dropout):
+    """With the linear layers' outputs recomputable, backward keeps no q, k, v (attention's contiguous heads)
+    and no gate or up of T5's feed-forward: only what it keeps anyway (the residual stream, 1/rms, masks, the
+    attention output that `o` reads, LoRA's rank-r products). The same model without it keeps them; LoRA
+    with and without its dropout gets the same gradients either way."""
+    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
+    kept_shapes, results = [], []
+    for linear in (False, True):
+        model = lean_model(method, linear=linear, dropout=lora_dropout)
+        config = model.config
+        heads = {(3, config.num_heads, length, config.d_kv) for length in (12, 6)}
+        gate_up = {(3, length, config.d_ff) for length in (12, 6)}
+        shapes: set[tuple] = set()
+        def observe(t, shapes=shapes):
+            if t.is_floating_point():  # not the dropout masks, of the same shapes
+                shapes.add(tuple(t.shape))
+
+        with recompute.observing_kept(observe):
+            results.append(loss_and_grads(model, batch, recomputing()))
+        kept_shapes.append((shapes & heads, shapes & gate_up))
+    assert kept_shapes[0] == (heads, gate_up)
+    assert kept_shapes[1] == (set(), set())
+    (loss, grads), (loss_again, grads_again) = results
+    assert torch.equal(loss_again, loss) and grads.keys() == grads_again.keys()
+    assert all(torch.equal(grads_again[name], grad) for name, grad in grads.items())
 
 
 def test_recomputing_respects_in_place_changes():

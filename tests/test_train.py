@@ -237,6 +237,20 @@ def test_redraw_masks_trains_bit_for_bit_as_without(tmp_path, monkeypatch):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_recompute_linear_trains_bit_for_bit_as_without(tmp_path, capsys):
+    """`run.recompute_linear` reaches the model (its linear layers switched) and the loss: LoRA with dropout
+    on trains to the same logged losses, gradient norms and adapter, bit for bit."""
+    common = {"model.name": "random:t5-tiny", "run.max_steps": 3, "method.dropout": 0.1, "run.logging_steps": 1,
+              **TASKS["t5-tiny"]}
+    kept = run(tmp_path, "kept", common)
+    assert "linear (recomputed in backward)" not in capsys.readouterr().out
+    recomputed = run(tmp_path, "recomputed", {**common, "run.recompute_linear": True})
+    assert "linear (recomputed in backward) x" in capsys.readouterr().out
+    assert [(r["loss"], r["grad_norm"]) for r in recomputed.logs] == [(r["loss"], r["grad_norm"]) for r in kept.logs]
+    ours, theirs = (load_file(r.output / "adapter_model.safetensors") for r in (recomputed, kept))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_sparse_embedding_gradients_train_as_dense_ones(tmp_path, monkeypatch):
     """Full fine-tuning with sparse embedding gradients (accumulated over 2 micro-batches, made dense before
     clipping and AdamW) logs the losses and gradient norms of dense ones and ends at the same weights."""

@@ -118,3 +118,17 @@ def test_seed_config_runs_offline_with_local_substitutes(tmp_path):
     assert config.data.template == "summarize: {dialogue}"
     result = peftlab.train.loop.train(config, progress=False)
     assert peftlab.methods.checkpoint.read_adapter_config(result.output).r == 8
+
+
+def test_recompute_linear_needs_lean_kernels_and_no_fsdp(tmp_path, monkeypatch):
+    with pytest.raises(peftlab.PeftlabError) as err:
+        run(tmp_path, "plain", {**T5, "run.recompute_linear": True, "run.lean_kernels": False})
+    assert "set run.lean_kernels=true or turn it off" in one_line(err)
+    # FSDP frees each layer's weights after its forward: refused before any process group starts
+    monkeypatch.setattr(peftlab.train.loop.distributed, "world_from_env",
+                        lambda strategy: peftlab.train.loop.distributed.World(0, 2, 0, strategy))
+    monkeypatch.setattr(peftlab.train.loop.distributed, "start", lambda *a: pytest.fail("started"))
+    with pytest.raises(peftlab.PeftlabError) as err:
+        run(tmp_path, "fsdp", {**T5, "run.recompute_linear": True, "run.distributed": "fsdp"})
+    assert "does not work with FSDP" in one_line(err) and "--distributed ddp" in str(err.value)
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "fsdp").exists()

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig, rows_by_adapter
 from peftlab.quant.nf4 import NF4Linear
-from peftlab.train.lean import keep_mask, masked_scale
+from peftlab.train.lean import keep_mask, masked_scale, recomputable_sum
+from peftlab.train.recompute import is_recomputable, recomputable
 
 # Fields peft 0.21 writes that peftlab leaves at peft's defaults.
 _PEFT_DEFAULTS: dict[str, Any] = {
@@ -116,15 +118,28 @@ class LoraConfig(MethodConfig):
         return layer
 
 
+def _dropped_down(x: torch.Tensor, keep: torch.Tensor, weight_A: torch.Tensor, p: float) -> torch.Tensor:
+    return masked_scale(x, keep, 1 / (1 - p)) @ weight_A.T
+
+
+def dropped_low_rank(x, keep, weight_A, weight_B, p: float, scaling: float) -> torch.Tensor:
+    """scaling * B A dropout(x) for a given keep mask, as `DroppedLowRank` computes it (bit for bit)."""
+    return _dropped_down(x, keep, weight_A, p) @ weight_B.T * scaling
+
+
+def low_rank(x, weight_A, weight_B, scaling: float) -> torch.Tensor:
+    """scaling * B A x, as `lora_B(lora_A(x)) * scaling` computes it."""
+    return F.linear(F.linear(x, weight_A), weight_B) * scaling
+
+
 class DroppedLowRank(torch.autograd.Function):
-    """scaling * B A dropout(x), saving x and the keep mask (`lean.keep_mask`) rather than the dropped-out copy
-    of x that `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept alive by the graph
-    anyway, and q and v share it)."""
+    """scaling * B A dropout(x) for a keep mask (`lean.keep_mask`), saving x and the mask rather than the
+    dropped-out copy of x that `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept
+    alive by the graph anyway, and q and v share it)."""
 
     @staticmethod
-    def forward(ctx, x, weight_A, weight_B, p: float, scaling: float):
-        keep = keep_mask(x.shape, p, x.device)
-        down = masked_scale(x, keep, 1 / (1 - p)) @ weight_A.T
+    def forward(ctx, x, keep, weight_A, weight_B, p: float, scaling: float):
+        down = _dropped_down(x, keep, weight_A, p)
         ctx.save_for_backward(x, keep, weight_A, weight_B, down)
         ctx.p, ctx.scaling = p, scaling
         return down @ weight_B.T * scaling
@@ -138,7 +153,7 @@ class DroppedLowRank(torch.autograd.Function):
         dropped = masked_scale(x, keep, 1 / (1 - ctx.p))  # regenerated for this step only
         grad_A = grad_down.reshape(-1, grad_down.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
         grad_x = masked_scale(grad_down @ weight_A, keep, 1 / (1 - ctx.p)) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_A, grad_B, None, None
+        return grad_x, None, grad_A, grad_B, None, None
 
 
 def _pattern_value(pattern: dict, module_name: str, default):
@@ -200,11 +215,18 @@ class LoraLayer(AdapterLayer):
         return self.weight_matrix(delta)
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """scaling * B A dropout(x); marked `recomputable` when x is and autograd records (what a recomputed
+        q or v is rebuilt from, `run.recompute_linear`)."""
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        x = x.to(lora_A.weight.dtype)
+        A, B, scaling = lora_A.weight, lora_B.weight, self.scaling[name]
+        x = x.to(A.dtype)
+        marked = torch.is_grad_enabled() and is_recomputable(x)
         if isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled():
-            return DroppedLowRank.apply(x, lora_A.weight, lora_B.weight, dropout.p, self.scaling[name])
-        return lora_B(lora_A(dropout(x))) * self.scaling[name]
+            keep = keep_mask(x.shape, dropout.p, x.device)
+            delta = DroppedLowRank.apply(x, keep, A, B, dropout.p, scaling)
+            return recomputable(delta, dropped_low_rank, (x, keep, A, B), dropout.p, scaling) if marked else delta
+        delta = low_rank(dropout(x), A, B, scaling)  # dropout: a no-op where `marked`
+        return recomputable(delta, low_rank, (x, A, B), scaling) if marked else delta
 
     def adapter_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base layer's `result` for input `x`."""
@@ -218,7 +240,7 @@ class LoraLayer(AdapterLayer):
             return self._mixed_batch_forward(x, result)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self.adapter_delta(x, name, result)
+                result = recomputable_sum(result, self.adapter_delta(x, name, result))
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

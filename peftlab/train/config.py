@@ -84,6 +84,7 @@ class RunSection:
     chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see train/loss.py)
     lean_kernels: bool = True  # cheaper dropout masks, fused GELU/attention saving less (same math; train/lean.py)
     redraw_masks: bool = False  # dropout masks drawn again in backward, not kept (less memory, slower; recompute.py)
+    recompute_linear: bool = False  # T5's q, k, v, gate and up recomputed in backward (less memory, slower; lean.py)
     resume: str | None = None  # a checkpoint dir, or "latest"
     distributed: str = "ddp"  # ddp | fsdp: how several processes (torchrun, --nproc) share the work
     overwrite: bool = False
@@ -115,6 +116,8 @@ class TrainConfig:
              "optim.scheduler must be linear, cosine or constant"),
             (self.run.precision in ("fp32", "bf16", "fp16"), "run.precision must be fp32, bf16 or fp16"),
             (self.run.distributed in ("ddp", "fsdp"), "run.distributed must be ddp or fsdp"),
+            (self.run.lean_kernels or not self.run.recompute_linear,
+             "run.recompute_linear recomputes what the lean kernels mark: set run.lean_kernels=true or turn it off"),
             (self.method.name in METHOD_NAMES, f"method.name must be one of {', '.join(METHOD_NAMES)}"),
             (self.model.task in (None, "seq2seq", "causal", "classification"),
              "model.task must be seq2seq, causal or classification"),

@@ -28,6 +28,10 @@ Their outputs that are cheap to rebuild from what backward keeps anyway are mark
 (`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
 hands to q, k, v (or to LoRA) and to the feed-forward, T5's dropout(GELU(gate) * up) that a training `wo`
 keeps for its weight gradient; with `run.redraw_masks`, every dropout mask drawn by numpy (from its seed).
+With `run.recompute_linear` (`make_lean(linear=True)`) every `nn.Linear` whose input is marked marks its
+output too, and so do LoRA's layers, so what attention keeps of q, k and v and what T5's feed-forward keeps
+of gate and up are recomputed in backward from the normalised x: a matrix product again for each, for less
+memory (not every tensor backward keeps is elementwise to rebuild, so this one costs time).
 
 Each is tested against the module it replaces (outputs and gradients, with the same dropout mask).
 """
@@ -147,6 +151,36 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     keep = keep_mask(x.shape, p, x.device)
     out = MaskedScale.apply(x, keep, 1 / (1 - p))
     return recomputable(out, masked_scale, (x, keep), 1 / (1 - p)) if is_recomputable(x) else out
+
+
+class LeanLinear(nn.Linear):
+    """nn.Linear whose output, when its input is `recomputable` and autograd records, is marked recomputable
+    from the input and the weights (`make_lean(linear=True)`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and is_recomputable(x):
+            recomputable(out, F.linear, (x, self.weight) if self.bias is None else (x, self.weight, self.bias))
+        return out
+
+
+def recomputable_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, marked recomputable when both are."""
+    out = a + b
+    return recomputable(out, torch.add, (a, b)) if is_recomputable(a) and is_recomputable(b) else out
+
+
+def _contiguous(base: torch.Tensor, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
+    return base.as_strided(size, stride, offset).contiguous()
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t.contiguous(); a copy of a view of a recomputable tensor is marked recomputable from that tensor."""
+    copy = t.contiguous()
+    base = t if t._base is None else t._base
+    if copy is not t and is_recomputable(base):
+        recomputable(copy, _contiguous, (base,), t.shape, t.stride(), t.storage_offset())
+    return copy
 
 
 class LeanDropout(nn.Dropout):
@@ -300,7 +334,7 @@ class BiasedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, mask, p: float, scale: float):
         with torch.autocast(q.device.type, enabled=False):
             # heads arrive as transposed views: matmul would copy them on every use, twice in backward
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            q, k, v = contiguous(q), contiguous(k), contiguous(v)  # recomputable with run.recompute_linear
             probs = BiasedAttention._probs(q, k, bias, mask, scale)
             keep = keep_mask(probs.shape, p, probs.device) if p > 0 else None
             ctx.save_for_backward(q, k, v, bias, mask, keep)
@@ -403,12 +437,14 @@ def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor
     return norm
 
 
-def make_lean(model: nn.Module, attention: bool = True) -> list[str]:
+def make_lean(model: nn.Module, attention: bool = True, linear: bool = False) -> list[str]:
     """Switch `model`'s modules to the lean versions above, in place; returns a line per kind switched.
-    `attention=False` keeps the model's own attention."""
+    `attention=False` keeps the model's own attention; `linear=True` switches `nn.Linear` to `LeanLinear`
+    (`run.recompute_linear`: their outputs recomputed in backward)."""
     switched: Counter[str] = Counter()
+    modules = LEAN_MODULES | ({nn.Linear: (LeanLinear, "linear (recomputed in backward)")} if linear else {})
     for module in model.modules():
-        lean, kind = LEAN_MODULES.get(type(module), (None, None))
+        lean, kind = modules.get(type(module), (None, None))
         if lean is LeanT5GatedFF and not isinstance(module.act, NewGELUActivation):
             continue  # the fused function is GELU(tanh)'s: other gated activations keep the stock module
         if lean is not None:

@@ -89,6 +89,9 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
     cfg.validate()
     world = distributed.world_from_env(cfg.run.distributed)
     distributed.check_batch(world, cfg.run.batch_size)
+    if cfg.run.recompute_linear and world.distributed and world.strategy == "fsdp":
+        raise PeftlabError("run.recompute_linear does not work with FSDP, which frees each layer's weights after "
+                           "its forward pass: use --distributed ddp, or turn run.recompute_linear off")
     quiet = contextlib.redirect_stdout(io.StringIO()) if not world.is_main else contextlib.nullcontext()
     device = distributed.start(world, setup.resolve_device(cfg.run.device))
     try:
@@ -113,7 +116,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
                                   overrides=cfg.model.overrides)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
-    lean = make_lean(model) if cfg.run.lean_kernels else []
+    lean = make_lean(model, linear=cfg.run.recompute_linear) if cfg.run.lean_kernels else []
     if cfg.run.gradient_checkpointing:
         # transformers 5.x renamed it; the old name warns and goes in v6
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
