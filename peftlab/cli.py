@@ -47,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fields = method_fields(args)
     if args.estimate_memory:
         print(estimate_memory(args.model, args.method, args.task, args.batch_size, args.source_len, args.target_len,
-                              fields=fields)[0])
+                              fields=fields, recompute_linear=args.recompute_linear)[0])
         return 0
     print(inspect_model(args.model, args.method, task=args.task, fields=fields))
     return 0
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--source-len", type=int, default=128, help="source (prompt) tokens per example")
     g.add_argument("--target-len", type=int, default=64, help="target tokens per example")
+    g.add_argument("--recompute-linear", action="store_true",
+                   help="as training with run.recompute_linear=true (linear outputs recomputed in backward)")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("train", help="fine-tune a model (LoRA or full) on a dataset")

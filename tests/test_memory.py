@@ -63,6 +63,11 @@ def test_inspect_estimate_and_checkpoint_size(tmp_path, capsys):
     line = capsys.readouterr().out.splitlines()[1]
     values = [float(part.split()[-2].replace(",", "")) for part in line.split("|")]
     assert values[-1] == pytest.approx(sum(values[:-1]), abs=0.3)
+    assert main(["inspect", "--model", "random:t5-tiny", "--estimate-memory", "--batch-size", "4",
+                 "--method", "lora", "--targets", "q,v", "--recompute-linear"]) == 0
+    recomputed = capsys.readouterr().out.splitlines()[1]
+    activations = [float(text.split("|")[3].split()[-2].replace(",", "")) for text in (line, recomputed)]
+    assert 0 < activations[1] < activations[0]  # q, k, v, gate and up not kept
     assert main(["inspect", "--model", "random:t5-tiny", "--estimate-memory", "--batch-size", "0"]) == 2
     assert "--batch-size must be positive" in capsys.readouterr().err
     assert main(["inspect", "--model", "random:no-such", "--estimate-memory"]) == 2

@@ -64,9 +64,11 @@ def checkpoint_bytes(name: str, model: nn.Module) -> int:
 
 def estimate_memory(name: str, method: MethodConfig | str | None = None, task: str | None = None,
                     batch_size: int = 8, source_len: int = 128, target_len: int = 64, overrides: dict | None = None,
-                    fields: dict | None = None, lean_kernels: bool = True) -> tuple[str, MemoryParts]:
+                    fields: dict | None = None, lean_kernels: bool = True,
+                    recompute_linear: bool = False) -> tuple[str, MemoryParts]:
     """Predicted peak training memory (fp32, AdamW) of full fine-tuning (method None or "full"), or of a
-    method (a config, or a name and `fields`); with the lean kernels as training uses them by default."""
+    method (a config, or a name and `fields`); with the lean kernels as training uses them by default, and
+    `recompute_linear` as `run.recompute_linear`."""
     for flag, value in (("--batch-size", batch_size), ("--source-len", source_len), ("--target-len", target_len)):
         if value <= 0:
             raise PeftlabError(f"{flag} must be positive, got {value}")
@@ -77,7 +79,7 @@ def estimate_memory(name: str, method: MethodConfig | str | None = None, task: s
     else:
         model.requires_grad_(True)
     if lean_kernels:
-        make_lean(model)
+        make_lean(model, linear=recompute_linear)
     example = _example(model, source_len, target_len)
     chunked = supports_chunked_loss(model) and example["labels"].dim() == 2
     parts = estimate_parts(model, example, batch_size, training_loss(model, chunked),
