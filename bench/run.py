@@ -321,8 +321,8 @@ def main() -> None:
         rows, trajectories, same_allocator = [], [], []
         peft_runs: dict[tuple[str, int], list[dict]] = {}  # peft's side of a peftlab-only extra is the plain row's
         for method in methods:
+            plain = "+".join(part for part in method.split("+") if part not in PEFTLAB_ONLY)
             for batch in map(int, args.batches.split(",")):
-                plain = "+".join(part for part in method.split("+") if part not in PEFTLAB_ONLY)
                 # interleaved pairs, so a slow spell of this shared machine hits both tools alike
                 pairs = [(measure("peftlab", method, batch, args.steps, data),
                           peft_runs[plain, batch][i] if (plain, batch) in peft_runs
@@ -336,7 +336,7 @@ def main() -> None:
                 print(f"{method} b{batch}: peftlab {ours['median_step_s']:.2f}s {ours['peak_rss_mb']:.0f}MB | "
                       f"peft+Trainer {theirs['median_step_s']:.2f}s {theirs['peak_rss_mb']:.0f}MB", flush=True)
             largest = max(map(int, args.batches.split(",")))
-            if set(method.split("+")[1:]) & PEFTLAB_ONLY.keys():  # peft's side is the plain row's again
+            if plain != method:  # peft's side is the plain row's again
                 continue
             # how much of the gap is the allocator, and then the subnormal flush: peft with them too
             for flush in (False, True):

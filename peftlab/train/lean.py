@@ -170,17 +170,10 @@ def recomputable_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return recomputable(out, torch.add, (a, b)) if is_recomputable(a) and is_recomputable(b) else out
 
 
-def _contiguous(base: torch.Tensor, size: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
-    return base.as_strided(size, stride, offset).contiguous()
-
-
 def contiguous(t: torch.Tensor) -> torch.Tensor:
-    """t.contiguous(); a copy of a view of a recomputable tensor is marked recomputable from that tensor."""
+    """t.contiguous(); a copy of a recomputable tensor (or of a view of one) is marked recomputable."""
     copy = t.contiguous()
-    base = t if t._base is None else t._base
-    if copy is not t and is_recomputable(base):
-        recomputable(copy, _contiguous, (base,), t.shape, t.stride(), t.storage_offset())
-    return copy
+    return recomputable(copy, torch.Tensor.contiguous, (t,)) if copy is not t and is_recomputable(t) else copy
 
 
 class LeanDropout(nn.Dropout):

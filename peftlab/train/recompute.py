@@ -74,17 +74,27 @@ class Recipe:
 
 
 def recomputable(out: torch.Tensor, compute: Callable[..., torch.Tensor], inputs: tuple, *args) -> torch.Tensor:
-    """Mark `out`, just computed as compute(*inputs, *args), for `recomputing()`; returns `out`."""
-    parts = tuple(_recipe_of(x) or x for x in inputs)
-    versions = tuple(None if isinstance(x, Recipe) else x._version for x in parts)
+    """Mark `out`, just computed as compute(*inputs, *args), for `recomputing()`; returns `out`. An input that
+    is marked, or a view of a marked tensor, enters as its recipe, not as the tensor."""
     device = out.device.type
     autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    parts = tuple(_input_recipe(x, autocast) or x for x in inputs)
+    versions = tuple(None if isinstance(x, Recipe) else x._version for x in parts)
     setattr(out, RECIPE, (Recipe(compute, parts, versions, args, autocast), out._version))
     return out
 
 
+def _input_recipe(x: torch.Tensor, autocast: tuple[str, bool, torch.dtype]) -> Recipe | None:
+    """The recipe of x, or of the view x is of a marked tensor (as `_pack` keeps a saved view)."""
+    recipe = _recipe_of(x)
+    if recipe is not None or x._base is None or (base := _recipe_of(x._base)) is None or x._base.dtype != x.dtype:
+        return recipe
+    return Recipe(torch.as_strided, (base,), (None,), (x.shape, x.stride(), x.storage_offset()), autocast)
+
+
 def is_recomputable(t: torch.Tensor) -> bool:
-    return _recipe_of(t) is not None
+    """Whether t, or the tensor t is a view of, is marked (what `recomputable` takes as a recipe)."""
+    return _recipe_of(t if t._base is None else t._base) is not None
 
 
 def _recipe_of(t: torch.Tensor) -> Recipe | None:
