@@ -11,7 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
 import peftlab.train.loss as loss_module
-from peftlab.train.loss import chunked_cross_entropy, flush_subnormal_, lm_loss, softmax_, supports_chunked_loss
+from peftlab.train.loss import (
+    chunked_cross_entropy,
+    flush_subnormal_,
+    flushed_softmax_,
+    lm_loss,
+    softmax_,
+    supports_chunked_loss,
+)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
@@ -242,11 +249,37 @@ def test_the_loss_products_get_no_subnormal_probabilities(monkeypatch):
     hidden, weight, labels = spread_logits_case()
     with SubnormalOperands() as flushed:
         chunked_loss_grads(hidden, weight, labels)
-    monkeypatch.setattr(loss_module, "flush_subnormal_", lambda probs: probs)
+    monkeypatch.setattr(loss_module, "flushed_softmax_", lambda logits, top: softmax_(logits))
     with SubnormalOperands() as kept:
         chunked_loss_grads(hidden, weight, labels)
     assert flushed.count == 0
     assert kept.count > 100
+
+
+@pytest.mark.parametrize("scale", [1, 30, 300])
+def test_flushed_softmax_equals_the_softmax_flushed_bit_for_bit(scale):
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 3000, generator=generator) * scale
+    logits[1, :5] = -torch.inf  # masked entries: zero either way
+    logits[2, :] = -1e4  # a row whose entries are all equal and far from zero
+    logits[3, 0] = torch.nan  # a NaN row stays NaN
+    expected = flush_subnormal_(torch.softmax(logits, dim=-1))
+    out = flushed_softmax_(logits, logits.amax(-1, keepdim=True))
+    assert out.data_ptr() == logits.data_ptr()
+    assert torch.equal(out.nan_to_num(-1.0), expected.nan_to_num(-1.0))
+    assert out[3].isnan().all() and not out[4:].isnan().any()
+
+
+def test_flushed_softmax_leaves_exp_almost_no_subnormal_result(monkeypatch):
+    # Intel CPUs compute an exp whose result is subnormal ~10x slower: the logits that would give one are set to
+    # -inf first (only a probability made subnormal by the division by the row's sum is still computed)
+    logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(3)) * 30  # ~14% subnormal after exp
+    handed = []
+    monkeypatch.setattr(loss_module, "flush_subnormal_", lambda probs: handed.append(subnormal_entries(probs)) or probs)
+    loss_module.flushed_softmax_(logits.clone(), logits.amax(-1, keepdim=True))
+    plain = subnormal_entries(torch.softmax(logits, dim=-1))
+    assert plain > 100
+    assert handed[0] < plain / 10
 
 
 def test_flushing_subnormal_probabilities_changes_no_gradient_by_more_than_a_subnormal(monkeypatch):
