@@ -23,7 +23,7 @@ from peftlab.train.lean import (
     LeanTanhGELU,
     clipped_step,
     dropout,
-    keep_from_16_bits,
+    keep_from_8_bits,
     keep_mask,
     make_lean,
     masked_scale,
@@ -43,16 +43,16 @@ def test_keep_mask_has_the_dropout_rate(p, shape):
     n = keep.numel()
     assert keep.dtype == torch.bool and keep.shape == shape
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
-    # neighbours come from lanes of one 64-bit draw (two 32-bit or four 16-bit): they must not be correlated
+    # neighbours come from lanes of one 64-bit draw (two 32-bit or eight 8-bit): they must not be correlated
     pairs = keep.view(-1)[: n - 1].view(-1, 2).float()
     assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 5 / (n / 2) ** 0.5
 
 
 class ScriptedBits:
-    """A bit generator whose first draw is every 16-bit value once, then the given 64-bit numbers."""
+    """A bit generator whose first draw is every 8-bit value once, then the given 64-bit numbers."""
 
     def __init__(self, then: list[int]):
-        self.draws = [np.arange(2**16, dtype=np.uint16).view(np.uint64), np.array(then, dtype=np.uint64)]
+        self.draws = [np.arange(2**8, dtype=np.uint8).view(np.uint64), np.array(then, dtype=np.uint64)]
 
     def random_raw(self, size: int) -> np.ndarray:
         draw = self.draws.pop(0)
@@ -61,13 +61,13 @@ class ScriptedBits:
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 2**-17])
-def test_16_bit_keep_mask_settles_the_straddling_value_with_64_bits(p):
-    """Over each 16-bit value once, exactly floor(p * 2^16) values drop, plus the straddling one exactly when
-    its 64-bit draw falls below the remainder: so the drop rate is p, not p rounded to 2^-16."""
-    edge = math.floor(p * 2**16)
-    cut = int((p * 2**16 - edge) * 2**64)
+def test_8_bit_keep_mask_settles_the_straddling_value_with_64_bits(p):
+    """Over each 8-bit value once, exactly floor(p * 2^8) values drop, plus the straddling one exactly when
+    its 64-bit draw falls below the remainder: so the drop rate is p, not p rounded to 2^-8."""
+    edge = math.floor(p * 2**8)
+    cut = int((p * 2**8 - edge) * 2**64)
     for draw, drops in ((cut - 1, True), (cut, False)):
-        keep = keep_from_16_bits(ScriptedBits([draw]), p, np.empty(2**16, dtype=bool))
+        keep = keep_from_8_bits(ScriptedBits([draw]), p, np.empty(2**8, dtype=bool))
         assert (~keep).sum() == edge + drops
         assert keep[edge] == (not drops) and not keep[:edge].any() and keep[edge + 1:].all()
 

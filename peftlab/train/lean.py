@@ -3,8 +3,8 @@
 `make_lean(model)` switches modules in place by class (a subclass with a leaner forward), never their weights
 or names, so state dicts, adapters and checkpoints are unchanged. What it switches:
 
-- every `nn.Dropout`: the keep mask is drawn as integers, on CPU 16-bit ones from numpy's SFC64 with the rate
-  still exact (`keep_from_16_bits`; several times as fast as `bernoulli_`), and only the mask is kept for
+- every `nn.Dropout`: the keep mask is drawn as integers, on CPU 8-bit ones from numpy's SFC64 with the rate
+  still exact (`keep_from_8_bits`; several times as fast as `bernoulli_`), and only the mask is kept for
   backward, its bits packed eight to a byte (under `recompute.recomputing()`, as the training loss runs;
   bool masks, a byte an entry, elsewhere and for masks torch draws); with `run.redraw_masks` not even that:
   backward draws it again from its seed.
@@ -93,7 +93,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 def seeded_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """The mask `keep_mask` draws from `seed` with numpy's SFC64."""
     with record_function("peftlab::keep_mask"):  # numpy's work is no torch operator: name it for profiles
-        keep = keep_from_16_bits(np.random.SFC64(seed), p, np.empty(math.prod(shape), dtype=bool))
+        keep = keep_from_8_bits(np.random.SFC64(seed), p, np.empty(math.prod(shape), dtype=bool))
     return torch.from_numpy(keep.reshape(shape))  # not a view: `recomputing()` finds a mark on the base
 
 
@@ -103,19 +103,20 @@ def unpacked_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits.view(bool).reshape(shape))
 
 
-def keep_from_16_bits(generator: np.random.BitGenerator, p: float, out: np.ndarray) -> np.ndarray:
-    """Fill `out` with booleans, each True with probability 1 - p, from four 16-bit draws per 64-bit number.
-    The one 16-bit value that straddles p (1 entry in 65,536) is settled by a 64-bit draw, so the rate is p
-    to 2^-64, not rounded to 2^-16."""
-    edge = math.floor(p * 2**16)  # 16-bit values below it drop; the value equal to it drops with the remainder
-    if edge >= 2**16:
+def keep_from_8_bits(generator: np.random.BitGenerator, p: float, out: np.ndarray) -> np.ndarray:
+    """Fill `out` with booleans, each True with probability 1 - p, from eight 8-bit draws per 64-bit number.
+    The one 8-bit value that straddles p (1 entry in 256) is settled by a 64-bit draw, so the rate is p to
+    2^-64, not rounded to 2^-8. (Half the draws of 16-bit lanes, whose straddling value is rarer but whose draw
+    took half of the mask's time: ~30% faster in all.)"""
+    edge = math.floor(p * 2**8)  # 8-bit values below it drop; the value equal to it drops with the remainder
+    if edge >= 2**8:
         out[:] = False
         return out
-    bits = generator.random_raw((out.size + 3) // 4).view(np.uint16)[:out.size]
+    bits = generator.random_raw((out.size + 7) // 8).view(np.uint8)[:out.size]
     np.greater(bits, edge, out=out)
     ties = np.flatnonzero(bits == edge)
     if ties.size:
-        out[ties] = generator.random_raw(ties.size) >= np.uint64(int((p * 2**16 - edge) * 2**64))
+        out[ties] = generator.random_raw(ties.size) >= np.uint64(int((p * 2**8 - edge) * 2**64))
     return out
 
 
