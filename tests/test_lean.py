@@ -420,3 +420,10 @@ def test_frozen_or_disabled_embedding_tables_keep_dense_gradients(monkeypatch):
     monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 4096)  # 512 rows: too few to gain
     with sparse_embedding_gradients(model) as tables:
         assert tables == []
+
+
+def test_a_numpy_mask_is_named_in_a_profile():
+    # numpy's draw is no torch operator: without the name a profile would show its time under nothing
+    with torch.profiler.profile() as prof:
+        keep_mask((512, 512), 0.1, "cpu")
+    assert "peftlab::keep_mask" in {event.key for event in prof.key_averages()}
