@@ -131,16 +131,22 @@ def run_hf(data: Path, method: str, batch: int, steps: int, out: Path, dropout: 
     return {"step_times": times, "losses": losses, "before_model_mb": before_model}
 
 
-def matmul_gflops() -> float:
-    """This machine's fp32 matmul throughput, measured now (the ceiling for a training step)."""
+def matmul_gflops(kernel: str = "mkl") -> float:
+    """This machine's fp32 matmul throughput, measured now (the ceiling for a training step). `mkl`: torch's
+    mm, which runs MKL's sgemm on x86; `onednn`: the same product by oneDNN, which picks its kernel by the
+    CPU's instruction sets where MKL also goes by its vendor (a faster oneDNN here is a lever for AMD)."""
     import torch
 
+    if kernel == "onednn" and not torch.backends.mkldnn.is_available():
+        return float("nan")
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    product = (lambda: a @ b) if kernel == "mkl" else (
+        lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     for _ in range(3):
-        a @ b
+        product()
     t0, n = time.perf_counter(), 20
     for _ in range(n):
-        a @ b
+        product()
     return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
 
 
@@ -316,7 +322,7 @@ def main() -> None:
         data, rows_8 = Path(tmp) / "data.jsonl", Path(tmp) / "eight.jsonl"
         make_data(data, 40 * 32)
         make_data(rows_8, 8)
-        peak, slowdown = matmul_gflops(), subnormal_slowdown()
+        peak, onednn_peak, slowdown = matmul_gflops(), matmul_gflops("onednn"), subnormal_slowdown()
         flops = {method: model_flops_per_token(method) for method in methods}
         rows, trajectories, same_allocator = [], [], []
         peft_runs: dict[tuple[str, int], list[dict]] = {}  # peft's side of a peftlab-only extra is the plain row's
@@ -347,7 +353,7 @@ def main() -> None:
                 pair = [measure(tool, method, 8, args.trajectory_steps, rows_8, dropout=False)["losses"]
                         for tool in ("peftlab", "hf")]
                 trajectories.append((method, *pair))
-    write_results(Path(args.output), rows, trajectories, same_allocator, peak, slowdown, flops, args)
+    write_results(Path(args.output), rows, trajectories, same_allocator, (peak, onednn_peak), slowdown, flops, args)
 
 
 def memory_floor_line(rows) -> str:
@@ -384,14 +390,16 @@ def section_heading(repeats: int) -> str:
     return main if repeats == 1 else f"{main}, {repeats} interleaved pairs"
 
 
-def write_results(path: Path, rows, trajectories, same_allocator, peak: float, slowdown: float, flops: dict,
-                  args) -> None:
+def write_results(path: Path, rows, trajectories, same_allocator, peaks: tuple[float, float], slowdown: float,
+                  flops: dict, args) -> None:
+    peak, onednn_peak = peaks
     command = (f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps} "
                f"--trajectory-steps {args.trajectory_steps}" + (f" --repeats {args.repeats}" if args.repeats > 1
                                                                 else ""))
     is_make_bench = all(getattr(args, name) == value for name, value in DEFAULTS.items())
     lines = [f"Reproduce: `{command}`" + (" (or `make bench`)" if is_make_bench else "") + f". Machine: {versions()}. "
-             f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s; a product with a subnormal "
+             f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s (torch's mm: MKL; the same product by "
+             f"oneDNN: {onednn_peak:.0f} GFLOP/s); a product with a subnormal "
              f"factor: x{slowdown:.0f} slower (peftlab's loss flushes its softmax's subnormals; peft's "
              "backward multiplies them: see the rows with peft flushed too).",
              f"Model `random:flan-t5-small`, {SOURCE_TOKENS} source + {TARGET_TOKENS} target tokens, LoRA r=8 "
