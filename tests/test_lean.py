@@ -372,8 +372,9 @@ def test_sparse_embedding_gradients_are_the_rows_used_and_equal_the_dense_ones(m
         torch.testing.assert_close(ours.grad.to_dense(), theirs.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("fused", [True, False])  # the clip inside the fused kernel (grad_scale), and a pass
 @pytest.mark.parametrize("max_norm", [1e-3, math.inf])  # clipping every gradient, and none
-def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_step(monkeypatch, max_norm):
+def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_step(monkeypatch, max_norm, fused):
     """Same norm, weights and AdamW state as torch's clip_grad_norm_ + step on dense gradients, and the sparse
     gradient is made dense only after the other gradients are freed."""
     monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 64)
@@ -381,7 +382,7 @@ def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_
     model.requires_grad_(True).eval()
     reference = copy.deepcopy(model)
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
-    ours, theirs = (torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (model, reference))
+    ours, theirs = (torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused) for m in (model, reference))
     step_calls = []
     original_step = ours.step
 
@@ -401,7 +402,7 @@ def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_
         torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
     assert step_calls[1] == {"shared.weight"}  # alone: every other gradient was already freed
     assert "shared.weight" not in step_calls[0] and len(step_calls[0]) == len(list(model.parameters())) - 1
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()) and not hasattr(ours, "grad_scale")
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
         for key, value in theirs.state[q].items():

@@ -420,8 +420,16 @@ def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor
                                          + [grad.values() for _, grad in sparse])  # no list of them outlives this
 
     def step(group: list[torch.Tensor]) -> None:
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
-        optimizer.step()  # skips parameters without a gradient
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # a fused optimizer divides each gradient by grad_scale as it reads it (AMP's unscaling): the clip
+            # without a pass over the gradients of its own (flan-t5-small's 77M: 22 ms on 2 Intel cores)
+            optimizer.grad_scale = 1 / torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        try:
+            optimizer.step()  # skips parameters without a gradient
+        finally:
+            optimizer.__dict__.pop("grad_scale", None)
         optimizer.zero_grad(set_to_none=True)
 
     for p, _ in sparse:
