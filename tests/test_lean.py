@@ -23,6 +23,7 @@ from peftlab.train.lean import (
     LeanTanhGELU,
     clipped_step,
     dropout,
+    gradient_norms,
     keep_from_8_bits,
     keep_mask,
     make_lean,
@@ -372,16 +373,20 @@ def test_sparse_embedding_gradients_are_the_rows_used_and_equal_the_dense_ones(m
         torch.testing.assert_close(ours.grad.to_dense(), theirs.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("fused", [True, False])  # the clip inside the fused kernel (grad_scale), and a pass
+@pytest.mark.parametrize("fused,norms_given", [(True, False), (False, False), (True, True)])  # the clip inside
+# the fused kernel (grad_scale), and a pass; the per-tensor norms taken by the caller (as the loop logs them)
 @pytest.mark.parametrize("max_norm", [1e-3, math.inf])  # clipping every gradient, and none
-def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_step(monkeypatch, max_norm, fused):
+def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_step(monkeypatch, max_norm, fused,
+                                                                                     norms_given):
     """Same norm, weights and AdamW state as torch's clip_grad_norm_ + step on dense gradients, and the sparse
-    gradient is made dense only after the other gradients are freed."""
+    gradient is made dense only after the other gradients are freed; each tensor's norm (`gradient_norms`) is
+    its dense gradient's, the sparse one's rows used twice counted once."""
     monkeypatch.setattr(lean_module, "SPARSE_GRADIENT_MIN_ROWS", 64)
     model, _ = load_model("random:t5-tiny")
     model.requires_grad_(True).eval()
     reference = copy.deepcopy(model)
     batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
+    batch["input_ids"][:, 0] = 7  # a row every sequence uses: uncoalesced, the sparse gradient holds it thrice
     ours, theirs = (torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused) for m in (model, reference))
     step_calls = []
     original_step = ours.step
@@ -393,12 +398,18 @@ def test_clipped_step_with_sparse_gradients_equals_clip_grad_norm_and_one_adamw_
     monkeypatch.setattr(ours, "step", recording_step)
     for _ in range(2):  # the second step reads the state the first left
         reference(**batch).loss.backward()
+        dense_norms = [torch.linalg.vector_norm(q.grad) for q in reference.parameters()]  # before the clip
         expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), max_norm)
         theirs.step()
         theirs.zero_grad(set_to_none=True)
         with sparse_embedding_gradients(model):
             model(**batch).loss.backward()
-        norm = clipped_step(ours, list(model.parameters()), max_norm)
+        norms = gradient_norms(list(model.parameters())) if norms_given else None
+        if norms_given:
+            assert model.shared.weight.grad.is_sparse and len(norms) == len(dense_norms)
+            torch.testing.assert_close(torch.stack([norms[p] for p in model.parameters()]),
+                                       torch.stack(dense_norms), rtol=1e-6, atol=0)
+        norm = clipped_step(ours, list(model.parameters()), max_norm, norms)
         torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
     assert step_calls[1] == {"shared.weight"}  # alone: every other gradient was already freed
     assert "shared.weight" not in step_calls[0] and len(step_calls[0]) == len(list(model.parameters())) - 1

@@ -100,14 +100,15 @@ def test_fused_adamw_takes_the_step_the_plain_loop_takes():
 
 def test_logged_grad_norm_is_the_clipping_norm_and_lr_follows_schedule(tmp_path, monkeypatch):
     returned = []
-    original = torch.nn.utils.get_total_norm  # what clip_grad_norm_ clips with
 
-    def recording(*args, **kwargs):
-        value = original(*args, **kwargs)
+    def recording(optimizer, parameters, max_norm, norms=None):
+        expected = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        value = lean.clipped_step(optimizer, parameters, max_norm, norms)
+        assert float(value) == pytest.approx(float(expected), rel=1e-6)  # what clip_grad_norm_ clips with
         returned.append(float(value))
         return value
 
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", recording)
+    monkeypatch.setattr(loop, "clipped_step", recording)
     result = run(tmp_path, "gn", {"model.name": "random:t5-tiny", "run.max_steps": 12, "run.logging_steps": 3,
                                   "optim.warmup_steps": 4, "optim.lr": 1e-3, **TASKS["t5-tiny"]})
     assert len(returned) == 12

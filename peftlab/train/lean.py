@@ -43,7 +43,7 @@ import inspect
 import math
 import types
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -407,17 +407,35 @@ def sparse_embedding_gradients(model: nn.Module, enabled: bool = True) -> Iterat
             table.sparse = False
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def gradient_norms(parameters: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+    """Each gradient's L2 norm by parameter, parameters without one left out: one pass over the gradients that
+    serves both the clip (`clipped_step`) and the per-module norms a log step records (a second pass took 70 ms
+    a step for flan-t5-small's 77M on 2 Intel cores). A sparse gradient is coalesced in place first, so that
+    rows the batch used twice count once."""
+    dense = [p for p in parameters if p.grad is not None and not p.grad.is_sparse]
+    # torch._foreach_norm, as get_total_norm takes them (on CPU one linalg.vector_norm each)
+    norms = dict(zip(dense, torch._foreach_norm([p.grad for p in dense]), strict=True)) if dense else {}
+    for p in parameters:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # `clipped_step`'s coalesce() then returns it as it is
+            norms[p] = torch.linalg.vector_norm(p.grad.values())
+    return norms
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_norm: float,
+                 norms: Mapping[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`clip_grad_norm_(parameters, max_norm)`, `optimizer.step()` and `zero_grad(set_to_none=True)`, for
-    gradients dense or sparse (`sparse_embedding_gradients`); returns the gradient norm before clipping.
+    gradients dense or sparse (`sparse_embedding_gradients`); returns the gradient norm before clipping. `norms`:
+    what `gradient_norms(parameters)` returned for these gradients, where the caller wanted them too.
 
     Parameters with a sparse gradient step after the others, their gradient made dense once the others' are
     freed, so that it takes their memory: made dense beside them, flan-t5-small's 63 MiB embedding gradient grew
     full fine-tuning's peak by ~65 MB at batch 8 (the heap had no free block that large). Each parameter's
     update reads only its own gradient and state, so the two steps are the one step."""
+    norms = gradient_norms(parameters) if norms is None else norms
+    # get_total_norm's reduction of the per-tensor norms
+    norm = torch.linalg.vector_norm(torch.stack(list(norms.values()))) if norms else torch.tensor(0.0)
     sparse = [(p, p.grad.coalesce()) for p in parameters if p.grad is not None and p.grad.is_sparse]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None and not p.grad.is_sparse]
-                                         + [grad.values() for _, grad in sparse])  # no list of them outlives this
 
     def step(group: list[torch.Tensor]) -> None:
         if getattr(optimizer, "_step_supports_amp_scaling", False):

@@ -26,7 +26,7 @@ from peftlab.train import distributed, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
-from peftlab.train.lean import clipped_step, make_lean, sparse_embedding_gradients
+from peftlab.train.lean import clipped_step, gradient_norms, make_lean, sparse_embedding_gradients
 from peftlab.train.loss import training_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
@@ -178,8 +178,8 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
             t0 = time.perf_counter()
             loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, step, task)
             is_log_step = (step + 1) % r.logging_steps == 0 or step + 1 == total
-            norms = module_grad_norms(model) if is_log_step else None
-            grad_norm, learning_rate = _optimizer_step(cfg, trainable, optimizer, scheduler)
+            grad_norm, learning_rate, norms = _optimizer_step(cfg, model, trainable, optimizer, scheduler,
+                                                              module_norms=is_log_step)
             step += 1
             window.add(loss, tokens, time.perf_counter() - t0)
             bar.advance()
@@ -250,12 +250,16 @@ class LogWindow:
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
 
 
-def _optimizer_step(cfg, trainable, optimizer, scheduler) -> tuple[float, float]:
-    """Clip, step, advance the schedule; returns the pre-clip grad norm and the rate this step used."""
+def _optimizer_step(cfg, model, trainable, optimizer, scheduler,
+                    module_norms: bool) -> tuple[float, float, dict[str, float] | None]:
+    """Clip, step, advance the schedule; returns the pre-clip grad norm, the rate this step used and, where
+    `module_norms`, each trainable tensor's gradient norm (from the pass the clip takes)."""
     learning_rate = scheduler.get_last_lr()[0]
-    grad_norm = float(distributed.local_tensor(clipped_step(optimizer, trainable, cfg.optim.max_grad_norm or math.inf)))
+    norms = gradient_norms(trainable)
+    named = module_grad_norms(model, norms) if module_norms else None
+    grad_norm = clipped_step(optimizer, trainable, cfg.optim.max_grad_norm or math.inf, norms)
     scheduler.step()
-    return grad_norm, learning_rate
+    return float(distributed.local_tensor(grad_norm)), learning_rate, named
 
 
 def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, task: str) -> tuple[float, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,15 @@ def log_line(loss: float, grad_norm: float, learning_rate: float, epoch: float) 
                 "epoch": round(epoch, 2)})
 
 
-def module_grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of each trainable tensor's gradient, keyed by its name without the adapter name
-    (`encoder.block.0.layer.0.SelfAttention.q.lora_A`)."""
-    norms = {}
+def module_grad_norms(model: nn.Module, norms: Mapping[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """L2 norm of each trainable tensor's gradient (`norms`: `lean.gradient_norms`, by parameter), keyed by its
+    name without the adapter name (`encoder.block.0.layer.0.SelfAttention.q.lora_A`)."""
+    named = {}
     for name, p in model.named_parameters():
-        if p.grad is not None:
+        if (norm := norms.get(p)) is not None:
             key = re.sub(r"\.(lora_\w+)\.[^.]+\.weight$", r".\1", name)
-            norm = p.grad.detach().float().norm()
-            norms[key] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP shards
-    return norms
+            named[key] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP shards
+    return named
 
 
 class MetricsLog:
