@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -81,6 +82,21 @@ def test_keep_mask_follows_torch_seed(shape):
     assert torch.equal(keep_mask(shape, 0.5, "cpu"), first)
     assert not torch.equal(first, second)
 
+
+def test_seeded_masks_depend_on_their_seed_only_and_seeds_draw_independent_masks():
+    """The generator is restarted for each mask: a seed gives its mask whatever was drawn before, in this thread
+    or another; neighbouring seeds give uncorrelated masks (the 12 discarded outputs mix a = b = c = seed)."""
+    first = seeded_keep_mask(2**40 + 1, (512, 512), 0.5)
+    later = [seeded_keep_mask(seed, (512, 512), 0.5) for seed in (2**40 + 2, 2**40 + 3)]
+    assert torch.equal(seeded_keep_mask(2**40 + 1, (512, 512), 0.5), first)
+    in_thread = []
+    thread = threading.Thread(target=lambda: in_thread.append(seeded_keep_mask(2**40 + 1, (512, 512), 0.5)))
+    thread.start()
+    thread.join()
+    assert torch.equal(in_thread[0], first)
+    n = first.numel()
+    for other in later:
+        assert abs(torch.corrcoef(torch.stack([first.view(-1), other.view(-1)]).float())[0, 1].item()) < 5 / n**0.5
 
 def test_backward_keeps_a_numpy_mask_as_packed_bits_or_only_its_seed_and_reads_the_same_mask():
     """A mask drawn by numpy is kept for backward as its bits, eight to a byte; with `redraw_masks` as nothing

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -77,8 +78,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     only its seed (backward draws it again)."""
     count = math.prod(shape)
     if torch.device(device).type == "cpu" and count >= NUMPY_MASK_MIN:
-        # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this; seeding SFC64 costs
-        # ~10 us, one draw from torch's generator
+        # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this (`seeded_sfc64`: ~5 us)
         seed, shape = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)), tuple(shape)
         keep = seeded_keep_mask(seed, shape, p)
         if redraws_masks():
@@ -96,8 +96,24 @@ def seeded_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tenso
     # costs ~0.1 ms in a training step, 132 masks per flan-t5-small LoRA step)
     profiling = torch._C._autograd._profiler_enabled()
     with record_function("peftlab::keep_mask") if profiling else contextlib.nullcontext():
-        keep = keep_from_8_bits(np.random.SFC64(seed), p, np.empty(math.prod(shape), dtype=bool))
+        keep = keep_from_8_bits(seeded_sfc64(seed), p, np.empty(math.prod(shape), dtype=bool))
     return torch.from_numpy(keep.reshape(shape))  # not a view: `recomputing()` finds a mark on the base
+
+
+_sfc64 = threading.local()  # one generator per thread, restarted for each mask
+
+
+def seeded_sfc64(seed: int) -> np.random.SFC64:
+    """numpy's SFC64 started from `seed` as its author seeds it from one number: a = b = c = seed, counter 1,
+    12 outputs discarded. Restarting this thread's generator so takes ~5 us; constructing one (numpy seeds it
+    through a SeedSequence) took ~190 us a mask inside a training step (25 ms a flan-t5-small LoRA step)."""
+    generator = getattr(_sfc64, "generator", None)
+    if generator is None:
+        generator = _sfc64.generator = np.random.SFC64()
+    generator.state = {"bit_generator": "SFC64", "state": {"state": np.array([seed, seed, seed, 1], dtype=np.uint64)},
+                       "has_uint32": 0, "uinteger": 0}
+    generator.random_raw(12)
+    return generator
 
 
 def unpacked_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
