@@ -32,6 +32,7 @@ Task = Literal["seq2seq", "causal", "classification"]
 AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM,
                 "classification": AutoModelForSequenceClassification}
 RANDOM_PREFIX = "random:"
+DEFAULT_SEED = 0  # what load_model draws a random preset's weights (and a new head) from unless told otherwise
 
 
 # The tiny presets are ours (no checkpoint to match): a wider init than the usual 0.02 gives their 64-wide
@@ -117,7 +118,7 @@ def resolve_task(name: str, task: Task | None = None) -> Task:
         return "seq2seq"  # load_model will report the real problem
 
 
-def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: int = 0,
+def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: int = DEFAULT_SEED,
                overrides: dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and its tokenizer. `name`: hub id, local directory, `random:<preset>` or `minilm`;
     `overrides` sets model config fields (e.g. dropout rates) before the model is built."""

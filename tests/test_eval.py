@@ -77,6 +77,16 @@ def test_classification_eval(tmp_path):
     assert metrics["accuracy"] == pytest.approx(result.eval_after["eval_accuracy"])
 
 
+@pytest.mark.parametrize("preset", ["t5-tiny", "llama-tiny"])
+def test_eval_rebuilds_the_base_a_run_with_any_seed_trained_on(tmp_path, preset):
+    # eval, generate and merge rebuild a random preset from the adapter's base name alone
+    result = run(tmp_path, "s7", {"model.name": f"random:{preset}", "run.max_steps": 5, "run.seed": 7,
+                                  **TASKS[preset]})
+    assert main(["eval", "-p", str(result.output), "--max-new-tokens", "2"]) == 0
+    metrics = json.loads((result.output / "eval" / "metrics.json").read_text())["adapter"]
+    assert metrics["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)
+
+
 def test_generation_equals_peft_wrapped_generation(t5_run):
     loaded = peftlab.eval.runs.load_run(t5_run)
     base, tokenizer = fresh_base("t5-tiny")

@@ -45,6 +45,17 @@ TASKS = {
 }
 
 
+def test_run_seed_seeds_the_adapter_not_a_random_presets_weights(tmp_path):
+    def lora_A(seed, name):  # after one step at a negligible rate: the adapter's init
+        output = run(tmp_path, name, {"model.name": "random:t5-tiny", "run.max_steps": 1, "optim.lr": 1e-12,
+                                      "run.seed": seed, **TASKS["t5-tiny"]}).output
+        return {k: v for k, v in load_file(output / "adapter_model.safetensors").items() if "lora_A" in k}
+
+    first, again, other = lora_A(3, "a"), lora_A(3, "b"), lora_A(4, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.allclose(first[k], other[k], atol=1e-6) for k in first)
+
+
 @pytest.mark.parametrize("preset", list(TASKS))
 def test_loss_falls_and_base_is_untouched(tmp_path, preset):
     result = run(tmp_path, preset, {"model.name": f"random:{preset}", "run.max_steps": 40,

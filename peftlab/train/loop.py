@@ -21,7 +21,7 @@ from peftlab.io import write_text
 from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
-from peftlab.models import load_model, resolve_task
+from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, load_model, resolve_task
 from peftlab.train import distributed, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
@@ -112,8 +112,13 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     task = resolve_task(cfg.model.name, cfg.model.task)
     tables = setup.read_tables(cfg)
     labels = setup.label_set(cfg, tables[0]) if task == "classification" else []
-    model, tokenizer = load_model(cfg.model.name, task=task, num_labels=max(len(labels), 2), seed=cfg.run.seed,
+    # A random preset names one model, the one eval, generate and merge rebuild from the adapter's base name:
+    # run.seed seeds what the run adds to it, never its weights (for a pretrained model: a new head's init).
+    base_seed = DEFAULT_SEED if cfg.model.name.startswith(RANDOM_PREFIX) else cfg.run.seed
+    model, tokenizer = load_model(cfg.model.name, task=task, num_labels=max(len(labels), 2), seed=base_seed,
                                   overrides=cfg.model.overrides)
+    if base_seed != cfg.run.seed:
+        torch.manual_seed(cfg.run.seed)  # load_model seeded the preset's weights: the run's own draws follow run.seed
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
     lean = make_lean(model, linear=cfg.run.recompute_linear) if cfg.run.lean_kernels else []
