@@ -89,6 +89,10 @@ def test_output_holding_a_run_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(peftlab.PeftlabError, match="already holds a run: pass --overwrite"):
         run(tmp_path, "out", T5)
     assert (first.output / "adapter_model.safetensors").read_bytes() == adapter
+    with pytest.raises(peftlab.PeftlabError, match="lacks column"):  # a replacement that cannot start
+        run(tmp_path, "out", {**T5, "run.overwrite": True, "data.target_column": "typo"})
+    assert (first.output / "adapter_model.safetensors").read_bytes() == adapter  # leaves the old run whole
+    assert (first.output / "results.json").is_file()
     run(tmp_path, "out", {**T5, "run.overwrite": True, "run.seed": 5})
     assert (first.output / "adapter_model.safetensors").read_bytes() != adapter
 

@@ -106,7 +106,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
 
 def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
     baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
-    out = setup.prepare_output(cfg, create=world.is_main)
+    out = setup.prepare_output(cfg, create=False)  # only checked: bad data or config below leave it as it was
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     task = resolve_task(cfg.model.name, cfg.model.task)
@@ -130,6 +130,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     model.to(device).train()
     cfg.data.labels = labels or None
     if world.is_main:
+        setup.prepare_output(cfg)  # --overwrite clears the old run only now that the new one can start
         write_text(out / "config.yaml", cfg.to_yaml())
     print(f"Config: {json.dumps(cfg.to_dict())}")
     for config in getattr(model, "peftlab_adapters", {}).values():

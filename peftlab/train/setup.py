@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
     """The run directory; refuses to mix two runs unless --overwrite (clears ours) or --resume.
-    With create=False (processes other than rank 0) it only checks."""
+    With create=False it only checks (every process, before the run reads anything)."""
     out = Path(cfg.run.output)
     holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
     if holds_run and not (cfg.run.overwrite or cfg.run.resume):
