@@ -188,6 +188,18 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     assert resumed.logs[-1]["loss"] == straight.logs[-1]["loss"]
     assert sorted(p.name for p in resumed.output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
+    def logged(output):  # metrics.jsonl without the timings
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss"))
+                for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())]
+
+    config = (resumed.output / "config.yaml").read_bytes()
+    with pytest.raises(peftlab.PeftlabError, match=r"--resume: method.r 8 -> 4"):
+        run(tmp_path, "resumed", {**settings, "method.r": 4, "run.resume": "latest"})
+    assert (resumed.output / "config.yaml").read_bytes() == config  # the refused resume wrote nothing
+    # resumed again from step 3 of a finished run: steps 4..8 are logged once, as the straight run logged them
+    run(tmp_path, "resumed", {**settings, "run.resume": str(resumed.output / "checkpoint-3")})
+    assert logged(resumed.output) == logged(straight.output)
+
 
 def test_minilm_accuracy_clearly_above_untrained_head(tmp_path):
     train_file = write_jsonl(generate("sentiment", 800, seed=0), tmp_path / "train.jsonl")

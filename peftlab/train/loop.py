@@ -8,7 +8,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
         model.enable_input_require_grads()
     model.to(device).train()
     cfg.data.labels = labels or None
+    resumed = _resume_weights(out, cfg, model, world) if cfg.run.resume else None  # before anything is written
     if world.is_main:
         setup.prepare_output(cfg)  # --overwrite clears the old run only now that the new one can start
         write_text(out / "config.yaml", cfg.to_yaml())
@@ -142,7 +143,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
-    return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb)
+    return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb, resumed)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, sharded: bool = False):
@@ -157,7 +158,8 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, shard
     return trainable, optimizer, scheduler
 
 
-def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World, baseline_mb: float) -> RunResult:
+def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World, baseline_mb: float,
+         state: dict[str, Any] | None) -> RunResult:
     r = cfg.run
     stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id, world)
     steps_per_epoch = max(1, math.ceil(len(stream) / r.grad_accum))
@@ -165,7 +167,6 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
     val_batches = [collate([data.validation[i] for i in b], tokenizer.pad_token_id)
                    for b in batch_order([len(e["input_ids"]) for e in data.validation], r.batch_size, 0, False)]
     result = RunResult(out, total)
-    state = _resume_weights(out, r.resume, model, world) if r.resume else None
     wrapped = distributed.wrap(model, _loss_function(cfg, model, task, world), world, device)
     trainable, optimizer, scheduler = _optimizer(cfg, model, total, sharded=world.strategy == "fsdp")
     step = 0
@@ -176,9 +177,10 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
             torch.manual_seed(r.seed + world.rank)
         if r.eval_before:
             result.eval_before = score(model, val_batches, device)
-    log = MetricsLog(out / "metrics.jsonl", append=bool(r.resume)) if world.is_main else None
+    log = MetricsLog(out / "metrics.jsonl", resumed_at=step if state is not None else None) if world.is_main else None
     bar = ProgressReporter(total, start=step, enabled=progress)
-    window = LogWindow()
+    # what a resumed run's first log line averages over: the steps since the last line, before the checkpoint too
+    window = LogWindow(**state.get("log_window", {})) if state is not None else LogWindow()
     try:
         while step < total:
             t0 = time.perf_counter()
@@ -201,7 +203,7 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
                 bar.print(str(metrics))
                 _write(log, metrics)
             if r.save_steps and step % r.save_steps == 0:
-                _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world)
+                _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world, window)
     finally:
         bar.close()
     result.eval_after = score(model, val_batches, device)
@@ -232,13 +234,15 @@ def _loss_function(cfg: TrainConfig, model, task: str, world: World):
                          cfg.run.redraw_masks)
 
 
-def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World) -> None:
+def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World,
+                     window: LogWindow) -> None:
     rng_by_rank = distributed.all_gather_object(rng_state(), world)
     optimizer_state = distributed.optimizer_state(model, optimizer, world)
     with distributed.full_weights(model, world):
         if world.is_main:
             state = {"step": step, "epoch": stream.epoch, "index": stream.index, "world_size": world.size,
-                     "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng_by_rank": rng_by_rank}
+                     "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng_by_rank": rng_by_rank,
+                     "log_window": asdict(window)}
             save_checkpoint(out, step, model, setup.save_trained, state, cfg.run.save_total_limit)
     distributed.barrier(world)
 
@@ -313,9 +317,10 @@ def _log_record(window: LogWindow, grad_norm, learning_rate, epoch, step, norms,
     return record
 
 
-def _resume_weights(out: Path, resume: str, model, world: World) -> dict[str, Any]:
+def _resume_weights(out: Path, cfg: TrainConfig, model, world: World) -> dict[str, Any]:
     """Trained weights back into the model before it is wrapped; returns the trainer state for the rest."""
-    checkpoint = find_checkpoint(out, resume)
+    checkpoint = find_checkpoint(out, cfg.run.resume)
+    setup.check_resumable(cfg, checkpoint)
     state = load_trainer_state(checkpoint)
     saved_world = state.get("world_size", 1)
     if saved_world != world.size:

@@ -13,6 +13,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from peftlab.io import write_text
+
 
 def log_line(loss: float, grad_norm: float, learning_rate: float, epoch: float) -> str:
     """The seed's line, as HF Trainer prints it: `{'loss': 31.0025, 'grad_norm': 1.39..., ...}`."""
@@ -32,10 +34,16 @@ def module_grad_norms(model: nn.Module, norms: Mapping[torch.Tensor, torch.Tenso
 
 
 class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl (flushed at once, so a crash keeps what was logged)."""
+    """Appends one JSON object per event to metrics.jsonl (flushed at once, so a crash keeps what was logged).
+    `resumed_at`: the step a resumed run continues from; what the earlier run logged after it is dropped (the
+    resumed run logs those steps again), so every step appears once."""
 
-    def __init__(self, path: Path, append: bool) -> None:
-        self.file = open(path, "a" if append else "w")
+    def __init__(self, path: Path, resumed_at: int | None = None) -> None:
+        if resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+            write_text(path, "".join(kept))
+        self.file = open(path, "w" if resumed_at is None else "a")
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

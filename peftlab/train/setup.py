@@ -16,7 +16,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods import build_config
 from peftlab.methods.checkpoint import save_adapter
 from peftlab.methods.inject import CLASSIFIER_HEADS, apply
-from peftlab.train.config import TrainConfig
+from peftlab.train.config import TrainConfig, load_config
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")  # these mark a run
 RUN_OUTPUTS = (*RUN_FILES, "adapter_model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -55,6 +55,19 @@ def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
+    """A resumed run continues the same model and method: refuse settings that would change what its weights are."""
+    saved_path = checkpoint.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = load_config(saved_path).to_dict(), cfg.to_dict()
+    changed = [f"{section}.{key} {saved[section].get(key)!r} -> {value!r}" for section in ("model", "method")
+               for key, value in now[section].items() if saved[section].get(key) != value]
+    if changed:
+        raise PeftlabError(f"--resume: {'; '.join(changed)} (against {saved_path}): resume with the run's own "
+                           "settings, or start a new run in another --output")
 
 
 def apply_method(model: nn.Module, cfg: TrainConfig, task: str) -> nn.Module:
