@@ -121,10 +121,12 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from peftlab.study.sweep import sweep
+    from peftlab.study.sweep import pick, sweep
 
     rows = sweep(args.config, args.grid, args.output, args.set)
     print(f"{len(rows)} points; summary: {Path(args.output) / 'summary.md'}")
+    if advice := pick(rows):
+        print(advice)
     return 0
 
 

@@ -11,7 +11,7 @@ from peftlab.data.synth import write_jsonl
 from peftlab.errors import PeftlabError
 from peftlab.study import report as report_module
 from peftlab.study.seed import SEED_TRAINABLE_LINES, trainable_lines
-from peftlab.study.sweep import parse_grid, read_metrics, sweep
+from peftlab.study.sweep import parse_grid, pick, read_metrics, sweep
 
 
 def test_grid_points_derived_keys_and_full_collapsed():
@@ -85,6 +85,31 @@ def test_report_files_and_figures(swept, tmp_path):
     assert html.read_text().count("data:image/png;base64,") == len(pngs)
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert all(f"]({p})" in markdown for p in pngs)
+    assert f"**Which to pick.** {pick(rows)}" in markdown and "Which to pick." in html.read_text()
+
+
+def row(point, metric, value, params, memory=500.0):
+    return {"point": point, "eval_metric": metric, "eval_value": value, "trainable_params": params,
+            "peak_memory_mb": memory, "step_time_s": 0.1}
+
+
+def test_pick_names_the_leanest_run_within_the_tolerance_of_the_best():
+    losses = [row("full", "eval_loss", 1.000, 10_000), row("r=4", "eval_loss", 1.009, 40),
+              row("r=2", "eval_loss", 1.011, 20), row("r=8", "eval_loss", 1.005, 80)]
+    advice = pick(losses)
+    assert advice.startswith("Best eval_loss: full (eval_loss 1.0") and "Pick r=4 (eval_loss 1.009" in advice
+    assert pick(losses, tolerance=0.02).split("Pick ")[1].startswith("r=2")  # 1.011 is within 2%
+    accuracies = [row("full", "eval_accuracy", 0.80, 10_000), row("lora", "eval_accuracy", 0.90, 40)]
+    assert pick(accuracies).startswith("Pick lora (eval_accuracy 0.9")  # higher is better: best and leanest
+    tie = [row("a", "eval_loss", 1.0, 40, memory=600.0), row("b", "eval_loss", 1.0, 40, memory=550.0)]
+    assert "Pick b " in pick(tie)  # equal parameters: less memory
+    assert pick([losses[0], accuracies[1]]) is None  # no common metric to compare
+    assert pick(losses[:1]) is None
+
+
+def test_summary_says_which_to_pick(swept):
+    directory, rows, _ = swept
+    assert pick(rows) in (directory / "summary.md").read_text()
 
 
 def test_report_without_runs_is_one_line_error(tmp_path, capsys):

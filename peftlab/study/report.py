@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.io import atomic_write, write_text  # noqa: E402
-from peftlab.study.sweep import SUMMARY_COLUMNS, markdown_table, read_metrics, summary_row  # noqa: E402
+from peftlab.study.sweep import SUMMARY_COLUMNS, markdown_table, pick, read_metrics, summary_row  # noqa: E402
 
 
 def is_run(path: Path) -> bool:
@@ -146,10 +146,12 @@ def report(directories: list[str | Path], output: str | Path, title: str = "peft
     figures.append(("Trainable parameters against rank", save_figure(params_figure(rows), out / "params.png")))
     figures.append(("Peak memory and step time", save_figure(memory_time_figure(rows), out / "memory_time.png")))
     table = markdown_table(rows, SUMMARY_COLUMNS)
+    advice = pick(rows)
     markdown = [f"# {title}", "", preamble, "## Runs", "", table]
+    markdown += [f"**Which to pick.** {advice}", ""] if advice else []
     markdown += [f"## {name}\n\n![{name}]({path.name})\n" for name, path in figures]
     write_text(out / "report.md", "\n".join(markdown))
-    write_text(out / "report.html", _html(title, preamble, rows, figures))
+    write_text(out / "report.html", _html(title, preamble, rows, figures, advice))
     return out / "report.html"
 
 
@@ -157,7 +159,8 @@ def _slug(name: str) -> str:
     return re.sub(r"[^\w.=-]+", "_", name)
 
 
-def _html(title: str, preamble: str, rows: list[dict[str, Any]], figures: list[tuple[str, Path]]) -> str:
+def _html(title: str, preamble: str, rows: list[dict[str, Any]], figures: list[tuple[str, Path]],
+          advice: str | None) -> str:
     """One file, images embedded as data URIs: it can be mailed or attached as it is."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in SUMMARY_COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in SUMMARY_COLUMNS)
@@ -168,4 +171,5 @@ def _html(title: str, preamble: str, rows: list[dict[str, Any]], figures: list[t
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}pre{background:#f6f6f6}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><pre>{html.escape(preamble)}</pre>"
-            f"<h2>Runs</h2><table><tr>{head}</tr>{body}</table>{images}</body></html>")
+            f"<h2>Runs</h2><table><tr>{head}</tr>{body}</table>"
+            + (f"<p><b>Which to pick.</b> {html.escape(advice)}</p>" if advice else "") + f"{images}</body></html>")

@@ -27,6 +27,7 @@ from peftlab.train.config import full_key, load_config
 
 ALIASES = {"method": "method.name", "rank": "method.r"}
 DERIVED = re.compile(r"^(\d*\.?\d*)\s*\*?\s*([A-Za-z_][\w.]*)$")  # 2r, 0.5*r, r
+PICK_TOLERANCE = 0.01  # a run this close (relative) to the best evaluation counts as just as good
 SUMMARY_COLUMNS = ["point", "method", "r", "alpha", "trainable_params", "trainable_pct", "peak_memory_mb",
                    "step_time_s", "tokens_per_s", "final_loss", "eval_metric", "eval_value"]
 
@@ -147,13 +148,39 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def pick(rows: list[dict[str, Any]], tolerance: float = PICK_TOLERANCE) -> str | None:
+    """Which setting to pick: the best evaluation, and the run with the fewest trainable parameters (then the
+    least memory) whose evaluation is within `tolerance` (relative) of it. None without comparable evaluations."""
+    metrics = {r["eval_metric"] for r in rows}
+    scored = [r for r in rows if r["eval_value"] != ""]
+    if len(metrics) != 1 or len(scored) != len(rows) or len(rows) < 2:
+        return None
+    metric = metrics.pop()
+    sign = -1 if metric == "eval_loss" else 1  # loss: lower is better; accuracy: higher
+    best = max(scored, key=lambda r: sign * r["eval_value"])
+    close = [r for r in scored if sign * (best["eval_value"] - r["eval_value"]) <= tolerance * abs(best["eval_value"])]
+    lean = min(close, key=lambda r: (r["trainable_params"], r["peak_memory_mb"]))
+
+    def described(r):
+        return (f"{r['point']} ({metric} {r['eval_value']}, {r['trainable_params']:,} trainable parameters, "
+                f"{r['peak_memory_mb']} MB peak, {r['step_time_s']} s/step)")
+
+    within = f"within {tolerance:.0%} of it"
+    caveat = " (One run per setting: a difference smaller than the spread between seeds is noise.)"
+    if lean is best:
+        return f"Pick {described(best)}: the best {metric}, and no run {within} trains fewer parameters.{caveat}"
+    return (f"Best {metric}: {described(best)}. Pick {described(lean)}: {within}, with the fewest trainable "
+            f"parameters.{caveat}")
+
+
 def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "summary.csv", buffer.getvalue())
-    write_text(out / "summary.md", markdown_table(rows, SUMMARY_COLUMNS))
+    advice = pick(rows)
+    write_text(out / "summary.md", markdown_table(rows, SUMMARY_COLUMNS) + (f"\n{advice}\n" if advice else ""))
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
