@@ -18,7 +18,8 @@ def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, bat
     if max_new_tokens <= 0:
         raise PeftlabError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if task not in ("seq2seq", "causal"):
-        raise PeftlabError(f"generation needs a seq2seq or causal model, this one is {task}")
+        raise PeftlabError(f"generation needs a seq2seq or causal model, this one is {task}: score it with "
+                           "`peftlab eval -p CKPT` (its predictions.jsonl holds the predicted labels)")
     device = next(model.parameters()).device
     outputs: list[str] = []
     tokenizer.padding_side = "left" if task == "causal" else "right"  # causal prompts must end where output starts
