@@ -87,6 +87,26 @@ def test_eval_rebuilds_the_base_a_run_with_any_seed_trained_on(tmp_path, preset)
     assert metrics["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)
 
 
+def test_eval_finds_a_runs_data_given_relative_from_any_directory(tmp_path, monkeypatch, capsys):
+    from peftlab.data.synth import write_jsonl
+    from peftlab.train import loop
+    from peftlab.train.config import load_config
+
+    (tmp_path / "there").mkdir()
+    monkeypatch.chdir(tmp_path / "there")
+    write_jsonl(seq_rows(), "d.jsonl")
+    result = loop.train(load_config(None, {"model.name": "random:t5-tiny", "data.train": "d.jsonl", "run.seed": 0,
+                                           "run.output": str(tmp_path / "r"), "run.max_steps": 3, **TASKS["t5-tiny"]}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "-p", str(result.output), "--max-new-tokens", "2"]) == 0
+    metrics = json.loads((result.output / "eval" / "metrics.json").read_text())["adapter"]
+    assert metrics["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)  # the same held-out rows
+    config = result.output / "config.yaml"  # as runs before absolute paths wrote it
+    config.write_text(config.read_text().replace(str(tmp_path / "there" / "d.jsonl"), "d.jsonl"))
+    assert main(["eval", "-p", str(result.output)]) == 2
+    assert "the run's data d.jsonl is not found from" in capsys.readouterr().err
+
+
 def test_generation_equals_peft_wrapped_generation(t5_run):
     loaded = peftlab.eval.runs.load_run(t5_run)
     base, tokenizer = fresh_base("t5-tiny")

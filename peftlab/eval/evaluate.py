@@ -13,7 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from peftlab.data.batching import collate
-from peftlab.data.loading import load_table, require_columns
+from peftlab.data.loading import BUILDERS, load_table, require_columns
 from peftlab.data.tasks import Formatter, required_columns
 from peftlab.errors import PeftlabError
 from peftlab.eval.generation import generate
@@ -45,18 +45,28 @@ def _rows(run: LoadedRun, options: EvalOptions) -> list[dict]:
     if options.data:
         table = load_table(options.data)
         source = options.data
-    elif run.config and settings.validation:
-        table, source = load_table(settings.validation), settings.validation
-    elif run.config and settings.train:
-        from peftlab.train.setup import read_tables
+    elif run.config and (settings.validation or settings.train):
+        _check_run_data(settings)
+        if settings.validation:
+            table, source = load_table(settings.validation), settings.validation
+        else:
+            from peftlab.train.setup import read_tables
 
-        table, source = read_tables(run.config)[1], f"{settings.train} (held-out validation split)"
+            table, source = read_tables(run.config)[1], f"{settings.train} (held-out validation split)"
     else:
         raise PeftlabError("no evaluation data: pass --data FILE (the checkpoint has no run config naming one)")
     require_columns(table, required_columns(settings.template, settings.input_column, settings.target_column),
                     source)
     rows = list(table)
     return rows[:options.limit] if options.limit else rows
+
+
+def _check_run_data(settings: DataSection) -> None:
+    """The run's own data, named in its config.yaml, must still be there (a hub id always is)."""
+    name = settings.validation or settings.train
+    if Path(name).suffix in BUILDERS and not Path(name).is_file():
+        raise PeftlabError(f"the run's data {name} is not found from {Path.cwd()} (moved, or a path relative to "
+                           "where it was trained): pass --data FILE")
 
 
 def _evaluate_once(run: LoadedRun, rows: list[dict], options: EvalOptions, progress) -> tuple[dict, list[dict]]:

@@ -129,6 +129,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
         model.enable_input_require_grads()
     model.to(device).train()
     cfg.data.labels = labels or None
+    setup.absolute_data_paths(cfg)  # eval -p rebuilds the held-out split from config.yaml, from any directory
     resumed = _resume_weights(out, cfg, model, world) if cfg.run.resume else None  # before anything is written
     if world.is_main:
         setup.prepare_output(cfg)  # --overwrite clears the old run only now that the new one can start

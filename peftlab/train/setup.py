@@ -57,6 +57,12 @@ def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
     return out
 
 
+def absolute_data_paths(cfg: TrainConfig) -> None:
+    """Local data files as absolute paths (hub ids stay as they are)."""
+    d = cfg.data
+    d.train, d.validation = (str(Path(f).resolve()) if f and Path(f).is_file() else f for f in (d.train, d.validation))
+
+
 def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     """A resumed run continues the same model and method: refuse settings that would change what its weights are."""
     saved_path = checkpoint.parent / "config.yaml"
