@@ -87,7 +87,7 @@ def test_eval_rebuilds_the_base_a_run_with_any_seed_trained_on(tmp_path, preset)
     assert metrics["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)
 
 
-def test_eval_finds_a_runs_data_given_relative_from_any_directory(tmp_path, monkeypatch, capsys):
+def test_eval_finds_a_runs_model_and_data_given_relative_from_any_directory(tmp_path, monkeypatch, capsys):
     from peftlab.data.synth import write_jsonl
     from peftlab.train import loop
     from peftlab.train.config import load_config
@@ -95,7 +95,9 @@ def test_eval_finds_a_runs_data_given_relative_from_any_directory(tmp_path, monk
     (tmp_path / "there").mkdir()
     monkeypatch.chdir(tmp_path / "there")
     write_jsonl(seq_rows(), "d.jsonl")
-    result = loop.train(load_config(None, {"model.name": "random:t5-tiny", "data.train": "d.jsonl", "run.seed": 0,
+    for part in fresh_base("t5-tiny"):
+        part.save_pretrained("base")
+    result = loop.train(load_config(None, {"model.name": "base", "data.train": "d.jsonl", "run.seed": 0,
                                            "run.output": str(tmp_path / "r"), "run.max_steps": 3, **TASKS["t5-tiny"]}))
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "-p", str(result.output), "--max-new-tokens", "2"]) == 0
@@ -105,6 +107,10 @@ def test_eval_finds_a_runs_data_given_relative_from_any_directory(tmp_path, monk
     config.write_text(config.read_text().replace(str(tmp_path / "there" / "d.jsonl"), "d.jsonl"))
     assert main(["eval", "-p", str(result.output)]) == 2
     assert "the run's data d.jsonl is not found from" in capsys.readouterr().err
+    adapter_config = result.output / "adapter_config.json"
+    adapter_config.write_text(adapter_config.read_text().replace(str(tmp_path / "there" / "base"), "./base"))
+    assert main(["eval", "-p", str(result.output)]) == 2
+    assert "or pass --model with the base this was trained on (the run names './base')" in capsys.readouterr().err
 
 
 def test_generation_equals_peft_wrapped_generation(t5_run):

@@ -46,8 +46,7 @@ def load_run(path: str | Path, model_name: str | None = None, adapter: str = "de
         if not base:
             raise PeftlabError(f"{path / CONFIG_NAME} names no base model: pass --model")
         task = _task(config, base, TASK_TYPES.get(adapter_config.task_type or ""))
-        model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config),
-                                      overrides=config.model.overrides if config else None)
+        model, tokenizer = _load_base(base, task, config, named=model_name is not None)
         if config and config.method.name == "qlora" and isinstance(adapter_config, LoraConfig):
             adapter_config = QLoraConfig(**dataclasses.asdict(adapter_config))  # the NF4 base it trained on
         load_adapter(model, path, adapter, adapter_config)
@@ -56,13 +55,22 @@ def load_run(path: str | Path, model_name: str | None = None, adapter: str = "de
 
         base = model_name or config.model.name
         task = _task(config, base, None)
-        model, tokenizer = load_model(base, task=task, num_labels=_num_labels(config),
-                                      overrides=config.model.overrides if config else None)
+        model, tokenizer = _load_base(base, task, config, named=model_name is not None)
         load_weights(model, path / "model.safetensors")
     else:
         raise PeftlabError(f"no adapter in {path}: expected {CONFIG_NAME} (an adapter) or model.safetensors "
                            "with the run's config.yaml (full fine-tuning)")
     return LoadedRun(model.eval(), tokenizer, task, base, config)
+
+
+def _load_base(base: str, task: str, config: TrainConfig | None, named: bool):
+    try:
+        return load_model(base, task=task, num_labels=_num_labels(config),
+                          overrides=config.model.overrides if config else None)
+    except PeftlabError as e:
+        if named:
+            raise
+        raise PeftlabError(f"{e}; or pass --model with the base this was trained on (the run names {base!r})") from None
 
 
 def _task(config: TrainConfig | None, base: str, from_adapter: str | None) -> str:

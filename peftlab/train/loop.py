@@ -109,6 +109,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     out = setup.prepare_output(cfg, create=False)  # only checked: bad data or config below leave it as it was
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
+    setup.absolute_local_paths(cfg)  # eval -p rebuilds the base and the held-out split from any directory
     task = resolve_task(cfg.model.name, cfg.model.task)
     tables = setup.read_tables(cfg)
     labels = setup.label_set(cfg, tables[0]) if task == "classification" else []
@@ -129,7 +130,6 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
         model.enable_input_require_grads()
     model.to(device).train()
     cfg.data.labels = labels or None
-    setup.absolute_data_paths(cfg)  # eval -p rebuilds the held-out split from config.yaml, from any directory
     resumed = _resume_weights(out, cfg, model, world) if cfg.run.resume else None  # before anything is written
     if world.is_main:
         setup.prepare_output(cfg)  # --overwrite clears the old run only now that the new one can start

@@ -57,10 +57,13 @@ def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
     return out
 
 
-def absolute_data_paths(cfg: TrainConfig) -> None:
-    """Local data files as absolute paths (hub ids stay as they are)."""
+def absolute_local_paths(cfg: TrainConfig) -> None:
+    """A local model directory and data files as absolute paths (hub ids stay as they are): config.yaml and
+    the adapter's base_model_name_or_path then name them from any directory."""
     d = cfg.data
     d.train, d.validation = (str(Path(f).resolve()) if f and Path(f).is_file() else f for f in (d.train, d.validation))
+    if Path(cfg.model.name).is_dir():
+        cfg.model.name = str(Path(cfg.model.name).resolve())
 
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
@@ -68,7 +71,9 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     saved_path = checkpoint.parent / "config.yaml"
     if not saved_path.is_file():
         return
-    saved, now = load_config(saved_path).to_dict(), cfg.to_dict()
+    saved_config = load_config(saved_path)
+    absolute_local_paths(saved_config)  # as this run's own were made (a run saved before that kept them relative)
+    saved, now = saved_config.to_dict(), cfg.to_dict()
     changed = [f"{section}.{key} {saved[section].get(key)!r} -> {value!r}" for section in ("model", "method")
                for key, value in now[section].items() if saved[section].get(key) != value]
     if changed:
