@@ -27,8 +27,18 @@ def test_missing_column_lists_existing_columns(tmp_path):
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     config = load_config(None, {**T5, "data.train": str(tmp_path / "empty.jsonl"), "run.output": str(tmp_path / "o")})
-    with pytest.raises(peftlab.PeftlabError, match="empty|cannot parse"):
+    with pytest.raises(peftlab.PeftlabError, match="empty.jsonl is empty: it needs at least one example"):
         peftlab.train.loop.train(config)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("sum: {dialogue", "is not a format string (expected '}' before end of string)"),
+    ("sum: {}", "has positional field(s) ['{}']"), ("sum: {0}", "has positional field(s) ['{0}']")])
+def test_malformed_template(tmp_path, template, message):
+    with pytest.raises(peftlab.PeftlabError) as err:
+        run(tmp_path, "tpl", {**T5, "data.template": template})
+    assert message in one_line(err) and "write a literal brace as {{ or }}" in str(err.value)
+    assert not (tmp_path / "tpl").exists()
 
 
 def test_validation_label_outside_training_labels(tmp_path):

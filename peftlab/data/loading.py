@@ -23,6 +23,8 @@ def load_table(source: str, split: str = "train") -> datasets.Dataset:
         builder = BUILDERS.get(path.suffix)
         if builder is None:
             raise PeftlabError(f"cannot read {source}: use a .jsonl, .json, .csv, .tsv or .parquet file")
+        if path.stat().st_size == 0:
+            raise PeftlabError(f"data file {source} is empty: it needs at least one example")
         extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)

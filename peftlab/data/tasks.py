@@ -13,8 +13,16 @@ IGNORE_INDEX = -100  # label positions the loss skips (padding, prompts)
 
 def required_columns(template: str | None, input_column: str, target_column: str | None) -> list[str]:
     """The columns a row must have: the template's fields (or the input column) and the target."""
-    needed = [f for _, f, _, _ in string.Formatter().parse(template) if f] if template else [input_column]
-    return needed + ([target_column] if target_column else [])
+    if not template:
+        return [input_column] + ([target_column] if target_column else [])
+    hint = "name columns as {column} and write a literal brace as {{ or }}"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise PeftlabError(f"template {template!r} is not a format string ({e}): {hint}") from None
+    if unnamed := [f for f in fields if not f or f.isdigit()]:
+        raise PeftlabError(f"template {template!r} has positional field(s) {['{' + f + '}' for f in unnamed]}: {hint}")
+    return fields + ([target_column] if target_column else [])
 
 
 @dataclass
