@@ -10,6 +10,17 @@ from pathlib import Path
 from peftlab.errors import PeftlabError
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (batch sizes, lengths, steps): a mistyped 0 is refused where it is given."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _method_names() -> list[str]:
     from peftlab.train.config import METHOD_NAMES
 
@@ -169,8 +180,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from peftlab.data.synth import generate, write_jsonl
 
-    if args.n <= 0:
-        raise PeftlabError(f"-n must be positive, got {args.n}")
     path = write_jsonl(generate(args.task, args.n, args.seed), args.output)
     print(f"wrote {args.n} {args.task} examples to {path}")
     return 0
@@ -180,8 +189,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftlab.eval.evaluate import EvalOptions, evaluate
     from peftlab.eval.runs import load_run
 
-    if args.max_new_tokens <= 0:
-        raise PeftlabError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     run = load_run(args.p, args.model)
     options = EvalOptions(args.data, args.batch_size, args.max_new_tokens, args.num_beams, args.output,
                           args.compare_base, args.limit)
@@ -266,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("memory estimate")
     g.add_argument("--estimate-memory", action="store_true",
                    help="predict peak training memory (fp32 AdamW) of --method (default full fine-tuning)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--source-len", type=int, default=128, help="source (prompt) tokens per example")
-    g.add_argument("--target-len", type=int, default=64, help="target tokens per example")
+    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--source-len", type=positive_int, default=128, help="source (prompt) tokens per example")
+    g.add_argument("--target-len", type=positive_int, default=64, help="target tokens per example")
     g.add_argument("--recompute-linear", action="store_true",
                    help="as training with run.recompute_linear=true (linear outputs recomputed in backward)")
     p.set_defaults(run=cmd_inspect)
@@ -285,10 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a checkpoint: generation or classification metrics, loss")
     _add_checkpoint_flags(p)
     p.add_argument("--data", help="dataset (default: the run's validation data)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--num-beams", type=positive_int, default=1)
+    p.add_argument("--limit", type=positive_int, help="only the first N examples")
     p.add_argument("--output", help="where predictions.jsonl and metrics.json go (default: CHECKPOINT/eval)")
     p.add_argument("--compare-base", action="store_true", help="also score the base model, side by side")
     p.set_defaults(run=cmd_eval)
@@ -300,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load another adapter on the same base (repeatable)")
     p.add_argument("--use", help="the adapter to run (default: the last loaded); '__base__' for none")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--num-beams", type=positive_int, default=1)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a plain Hugging Face model directory")
@@ -326,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="said", choices=["said", "did"])
     p.add_argument("--target", type=float, default=0.9, help="share of the full fine-tuning metric (default 0.9)")
     p.add_argument("--full-metric", type=float, help="full fine-tuning's accuracy, if known (else it is run)")
-    p.add_argument("--d-start", type=int, default=16)
-    p.add_argument("--d-max", type=int, default=1 << 20)
-    p.add_argument("--d-min", type=int, default=1, help="halving stops here (a hit there bounds d90 from above)")
+    p.add_argument("--d-start", type=positive_int, default=16)
+    p.add_argument("--d-max", type=positive_int, default=1 << 20)
+    p.add_argument("--d-min", type=positive_int, default=1,
+                   help="halving stops here (a hit there bounds d90 from above)")
     p.add_argument("--precision", type=float, default=0.25,
                    help="stop bisecting when the miss is within this share of the hit (default 0.25)")
     p.add_argument("set", nargs="*", metavar="key=value", help="fixed config keys for every run")
@@ -346,24 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="random:flan-t5-small", help="e.g. google/flan-t5-small when online")
     s.add_argument("--output", default="studies/seed")
     s.add_argument("--parts", default="abc", help="which experiments (default abc)")
-    s.add_argument("--steps", type=int, default=30, help="(b) optimizer steps per alpha")
-    s.add_argument("--batch-size", type=int, default=8, help="(b) batch size")
-    s.add_argument("--memory-batch-size", type=int, default=32, help="(c) batch size")
-    s.add_argument("--memory-steps", type=int, default=3, help="(c) steps per method")
-    s.add_argument("--source-len", type=int, default=128, help="source tokens per example")
-    s.add_argument("--target-len", type=int, default=64, help="target tokens per example")
+    s.add_argument("--steps", type=positive_int, default=30, help="(b) optimizer steps per alpha")
+    s.add_argument("--batch-size", type=positive_int, default=8, help="(b) batch size")
+    s.add_argument("--memory-batch-size", type=positive_int, default=32, help="(c) batch size")
+    s.add_argument("--memory-steps", type=positive_int, default=3, help="(c) steps per method")
+    s.add_argument("--source-len", type=positive_int, default=128, help="source tokens per example")
+    s.add_argument("--target-len", type=positive_int, default=64, help="target tokens per example")
     s.set_defaults(run=cmd_study_seed)
 
     p = sub.add_parser("demo", help="offline: LoRA on the pretrained MiniLM, a synthetic task, before/after")
     p.add_argument("--output", default="runs/demo", help="run directory (replaced if it holds an earlier demo)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=150, help="optimizer steps")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("synth", help="write a seeded synthetic dataset as jsonl")
     s.add_argument("--task", choices=["sentiment"], default="sentiment")
-    s.add_argument("-n", type=int, default=1000, help="number of examples")
+    s.add_argument("-n", type=positive_int, default=1000, help="number of examples")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True, help="jsonl file to write")
     s.set_defaults(run=cmd_data_synth)

@@ -172,8 +172,14 @@ def test_mixed_batch_equals_each_adapter_alone(tmp_path):
 def test_eval_bad_input(t5_run, tmp_path, capsys):
     assert main(["eval", "-p", str(tmp_path)]) == 2
     assert "no adapter in" in capsys.readouterr().err
-    assert main(["eval", "-p", str(t5_run), "--max-new-tokens", "0"]) == 2
-    assert "--max-new-tokens must be positive" in capsys.readouterr().err
+    for command in ("eval", "generate"):
+        for flag in ("--max-new-tokens", "--batch-size", "--num-beams", *(["--limit"] if command == "eval" else [])):
+            with pytest.raises(SystemExit) as exit_:  # refused by argparse, before any model loads
+                main([command, "-p", str(t5_run), flag, "0", *(["text"] if command == "generate" else [])])
+            assert exit_.value.code == 2
+            assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(peftlab.PeftlabError, match="--max-new-tokens must be positive"):  # the Python API
+        generate(None, None, ["x"], "seq2seq", max_new_tokens=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"other": 1}\n')
     assert main(["eval", "-p", str(t5_run), "--data", str(bad)]) == 2

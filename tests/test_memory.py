@@ -73,8 +73,9 @@ def test_inspect_estimate_and_checkpoint_size(tmp_path, capsys, monkeypatch):
         lines.append(capsys.readouterr().out.splitlines()[1])
     activations = [float(text.split("|")[3].split()[-2].replace(",", "")) for text in lines]
     assert 0 < activations[1] < activations[0]  # q, k, v, gate and up not kept
-    assert main(["inspect", "--model", "random:t5-tiny", "--estimate-memory", "--batch-size", "0"]) == 2
-    assert "--batch-size must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", "--model", "random:t5-tiny", "--estimate-memory", "--batch-size", "0"])
+    assert exit_.value.code == 2 and "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["inspect", "--model", "random:no-such", "--estimate-memory"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     model, _ = peftlab.load_model("random:t5-tiny")
