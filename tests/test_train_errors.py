@@ -57,6 +57,23 @@ def test_truncation_is_warned_with_counts(tmp_path, capsys):
         in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("run.batch_size", 0, "run.batch_size must be > 0"), ("run.epochs", 0, "run.epochs must be > 0"),
+    ("run.save_steps", 0, "run.save_steps must be > 0"), ("run.eval_steps", 0, "run.eval_steps must be > 0"),
+    ("run.save_total_limit", -1, "run.save_total_limit must be >= 0"),
+    ("data.max_target_length", 0, "data.max_source_length and data.max_target_length must be > 0"),
+    ("optim.warmup_steps", -2, "optim.warmup_steps must be >= 0"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay must be >= 0"),
+    ("optim.max_grad_norm", -1.0, "a negative norm would flip the gradients"),
+    ("optim.betas", [0.9, 1.0], "optim.betas must be two numbers in [0, 1)"),
+    ("optim.eps", 0.0, "optim.eps must be > 0")])
+def test_out_of_range_settings_are_refused_before_anything_runs(tmp_path, key, value, message):
+    with pytest.raises(peftlab.PeftlabError) as err:
+        run(tmp_path, "o", {**T5, key: value})
+    assert message in one_line(err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_misspelt_key_suggests_the_closest(tmp_path):
     with pytest.raises(peftlab.PeftlabError, match="unknown config key 'optim.learning_rat'; did you mean"):
         load_config(None, {"optim.learning_rat": 1})
