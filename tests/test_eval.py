@@ -189,7 +189,13 @@ def test_eval_bad_input(t5_run, tmp_path, capsys):
     assert main(["generate", "-p", str(t5_run), "--file", str(empty)]) == 2
     assert "peftlab: error:" in capsys.readouterr().err
     assert main(["eval", "-p", str(t5_run), "--model", "random:bart-tiny"]) == 2  # adapter for another base
-    assert "match no module" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the adapter was trained on random:t5-tiny, this base is random:bart-tiny: " in err
+    assert "match no module" in err
+    assert main(["eval", "-p", str(t5_run), "--model", "random:flan-t5-small"]) == 2  # same names, other shapes
+    err = capsys.readouterr().err
+    assert "the adapter was trained on random:t5-tiny, this base is random:flan-t5-small: " in err
+    assert "does not fit the base" in err
 
 
 def test_causal_generation_left_pads_and_equals_peft(tmp_path):

@@ -102,10 +102,24 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str = 
     `config` replaces the file's (e.g. a QLoRA config, to load a LoRA adapter onto an NF4 base)."""
     config = config or read_adapter_config(directory)
     state = read_adapter_weights(directory)
-    apply(model, config, adapter)
+    try:
+        apply(model, config, adapter)
+    except PeftlabError as e:
+        raise _on_another_base(e, config, model) from None
     try:
         load_adapter_state_dict(model, state, adapter)
+    except PeftlabError as e:
+        remove_adapter(model, adapter)
+        raise _on_another_base(e, config, model) from None
     except BaseException:
         remove_adapter(model, adapter)
         raise
     return model
+
+
+def _on_another_base(error: PeftlabError, config: MethodConfig, model: nn.Module) -> PeftlabError:
+    """A same-shaped adapter of another base loads on purpose; where one does not fit, say which base it is for."""
+    trained_on, this = config.base_model_name_or_path, getattr(model.config, "name_or_path", None)
+    if trained_on and this and trained_on != this:
+        return PeftlabError(f"the adapter was trained on {trained_on}, this base is {this}: {error}")
+    return error
