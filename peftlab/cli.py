@@ -83,6 +83,14 @@ TRAIN_FLAGS = {
 }
 
 
+def _config_defaults() -> dict[str, object]:
+    """Each config key's default (`method.alpha` -> 16), for the train flags' help."""
+    from peftlab.train.config import TrainConfig
+
+    return {f"{section}.{key}": value for section, fields in TrainConfig().to_dict().items()
+            for key, value in fields.items()}
+
+
 def train_overrides(args: argparse.Namespace) -> dict[str, object]:
     from peftlab.methods import parse_targets
 
@@ -282,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model (LoRA or full) on a dataset")
     p.add_argument("--config", help="YAML config (sections: model, data, method, optim, run)")
+    defaults = _config_defaults()
     for flag, (key, kind) in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=kind, help=f"sets {key}")
+        default = "" if defaults[key] is None else f" (default {defaults[key]})"
+        p.add_argument(flag, type=kind, help=f"sets {key}{default}")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--nproc", type=int, help="run N processes on this machine (torchrun; DDP or --distributed fsdp)")
     p.add_argument("set", nargs="*", metavar="key=value", help="any other config key, e.g. optim.weight_decay=0.01")

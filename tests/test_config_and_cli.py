@@ -8,6 +8,7 @@ from conftest import fresh_base
 import peftlab
 from peftlab.cli import main
 from peftlab.methods import parse_targets
+from peftlab.train.config import TrainConfig
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -55,3 +56,13 @@ def test_inspect_bad_input_is_one_line_and_exit_2(capsys):
     assert err.startswith("peftlab: error: targets ['qq'] match no module") and err.count("\n") == 1
     assert main(["inspect", "--model", "random:nope"]) == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+def test_train_help_shows_the_config_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = TrainConfig()
+    assert f"--alpha ALPHA sets method.alpha (default {defaults.method.alpha})" in text
+    assert f"--dropout DROPOUT sets method.dropout (default {defaults.method.dropout})" in text
+    assert "--data DATA sets data.train --validation-data" in text  # no default: none shown
