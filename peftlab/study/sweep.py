@@ -152,13 +152,12 @@ def pick(rows: list[dict[str, Any]], tolerance: float = PICK_TOLERANCE) -> str |
     """Which setting to pick: the best evaluation, and the run with the fewest trainable parameters (then the
     least memory) whose evaluation is within `tolerance` (relative) of it. None without comparable evaluations."""
     metrics = {r["eval_metric"] for r in rows}
-    scored = [r for r in rows if r["eval_value"] != ""]
-    if len(metrics) != 1 or len(scored) != len(rows) or len(rows) < 2:
+    if len(rows) < 2 or len(metrics) != 1 or any(r["eval_value"] == "" for r in rows):
         return None
     metric = metrics.pop()
     sign = -1 if metric == "eval_loss" else 1  # loss: lower is better; accuracy: higher
-    best = max(scored, key=lambda r: sign * r["eval_value"])
-    close = [r for r in scored if sign * (best["eval_value"] - r["eval_value"]) <= tolerance * abs(best["eval_value"])]
+    best = max(rows, key=lambda r: sign * r["eval_value"])
+    close = [r for r in rows if sign * (best["eval_value"] - r["eval_value"]) <= tolerance * abs(best["eval_value"])]
     lean = min(close, key=lambda r: (r["trainable_params"], r["peak_memory_mb"]))
 
     def described(r):
