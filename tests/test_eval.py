@@ -232,3 +232,12 @@ def test_cli_generate_with_named_adapters_and_mixed_file(t5_run, tmp_path, capsy
                  "--max-new-tokens", "4", "--batch-size", "6"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["output"] for r in rows] == outputs["default"] + outputs["other"] + outputs[BASE_NAME]
+
+
+def test_causal_generation_cuts_a_long_prompt_from_the_left():
+    model, tokenizer = peftlab.load_model("random:llama-tiny")
+    prompt = "a prompt far longer than the source limit. Answer:"  # byte tokens: one per character
+    cut = generate(model, tokenizer, [prompt], "causal", max_new_tokens=4, max_source_length=9)
+    assert cut == generate(model, tokenizer, [prompt[-8:]], "causal", max_new_tokens=4)  # BOS + the last 8
+    assert cut != generate(model, tokenizer, [prompt[:8]], "causal", max_new_tokens=4)
+    assert tokenizer.truncation_side == "right"

@@ -325,3 +325,20 @@ def test_switches_keep_the_math(tmp_path):
     assert epochs.steps == 2 * math.ceil(43 / 8)  # 43 training rows after the 10% hold-out, batch 8
     lines = [json.loads(x) for x in (epochs.output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "eval_loss" in r and not r.get("final")] == [5, 10]
+
+
+def test_long_causal_prompt_keeps_its_end_and_bos_plain_text_keeps_its_start():
+    from peftlab.data.tasks import IGNORE_INDEX, Formatter
+    _, tokenizer = peftlab.load_model("random:llama-tiny")
+    bos, cue = tokenizer.bos_token_id, "\n### Response:"
+    formatter = Formatter("causal", tokenizer, "text", "answer", "{text}" + cue, max_source_length=20,
+                          max_target_length=8)
+    row = {"text": "a long instruction that does not fit", "answer": "yes"}
+    example = formatter(row)
+    prompt = example["input_ids"][:20]  # byte tokens: BOS and the last 19 characters
+    assert prompt[0] == bos and tokenizer.decode(prompt[1:]) == "t fit" + cue and formatter.truncated == 1
+    assert example["labels"] == [IGNORE_INDEX] * 20 + tokenizer("yes", add_special_tokens=False)["input_ids"] \
+        + [tokenizer.eos_token_id]
+    plain = Formatter("causal", tokenizer, "text", None, max_source_length=8)(row)["input_ids"]
+    assert plain[0] == bos and tokenizer.decode(plain[1:]) == "a long "
+    assert tokenizer.truncation_side == "right"  # the shared tokenizer is left as it was

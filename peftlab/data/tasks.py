@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,16 @@ def required_columns(template: str | None, input_column: str, target_column: str
     return fields + ([target_column] if target_column else [])
 
 
+@contextmanager
+def truncation_side(tokenizer: Any, side: str) -> Iterator[None]:
+    """Truncate from `side` inside the block; the tokenizer is shared (training, eval, saved runs)."""
+    before, tokenizer.truncation_side = tokenizer.truncation_side, side
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = before
+
+
 @dataclass
 class Formatter:
     """Everything needed to turn one row into model inputs."""
@@ -42,11 +54,12 @@ class Formatter:
     def source(self, row: dict) -> str:
         return self.template.format(**row) if self.template else str(row[self.input_column])
 
-    def _ids(self, text: str, limit: int, special: bool = True) -> list[int]:
+    def _ids(self, text: str, limit: int, special: bool = True, side: str = "right") -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         if len(ids) > limit:
             self.truncated += 1
-            ids = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=limit)["input_ids"]
+            with truncation_side(self.tokenizer, side):
+                ids = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=limit)["input_ids"]
         return ids
 
     def __call__(self, row: dict) -> dict[str, Any]:
@@ -57,9 +70,11 @@ class Formatter:
                 "labels": self._ids(str(row[self.target_column]), self.max_target_length)}
 
     def _causal(self, row: dict) -> dict[str, Any]:
-        prompt = self._ids(self.source(row), self.max_source_length)
         if not self.target_column:  # plain language modelling on the text
-            return {"input_ids": prompt, "labels": list(prompt)}
+            text = self._ids(self.source(row), self.max_source_length)
+            return {"input_ids": text, "labels": list(text)}
+        # A prompt keeps its end (the template's response cue leads into the response) and its special tokens.
+        prompt = self._ids(self.source(row), self.max_source_length, side="left")
         response = self._ids(str(row[self.target_column]), self.max_target_length - 1, special=False)
         response.append(self.tokenizer.eos_token_id)
         return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}

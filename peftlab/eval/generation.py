@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from peftlab.data.tasks import truncation_side
 from peftlab.errors import PeftlabError
 
 
@@ -25,8 +26,9 @@ def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, bat
     tokenizer.padding_side = "left" if task == "causal" else "right"  # causal prompts must end where output starts
     for start in range(0, len(sources), batch_size):
         chunk = list(sources[start:start + batch_size])
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_source_length,
-                          return_tensors="pt").to(device)
+        with truncation_side(tokenizer, "left" if task == "causal" else "right"):  # a prompt keeps its end
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_source_length,
+                              return_tensors="pt").to(device)
         generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id)
         if task == "causal":
