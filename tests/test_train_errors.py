@@ -33,7 +33,8 @@ def test_empty_dataset(tmp_path):
 
 @pytest.mark.parametrize("template, message", [
     ("sum: {dialogue", "is not a format string (expected '}' before end of string)"),
-    ("sum: {}", "has positional field(s) ['{}']"), ("sum: {0}", "has positional field(s) ['{0}']")])
+    ("sum: {}", "has positional field(s) ['{}']"), ("sum: {0}", "has positional field(s) ['{0}']"),
+    ("sum: {{dialogue}}", "names no column, so every example would get the same input")])
 def test_malformed_template(tmp_path, template, message):
     with pytest.raises(peftlab.PeftlabError) as err:
         run(tmp_path, "tpl", {**T5, "data.template": template})

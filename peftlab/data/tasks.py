@@ -24,6 +24,8 @@ def required_columns(template: str | None, input_column: str, target_column: str
         raise PeftlabError(f"template {template!r} is not a format string ({e}): {hint}") from None
     if unnamed := [f for f in fields if not f or f.isdigit()]:
         raise PeftlabError(f"template {template!r} has positional field(s) {['{' + f + '}' for f in unnamed]}: {hint}")
+    if not fields:
+        raise PeftlabError(f"template {template!r} names no column, so every example would get the same input: {hint}")
     return fields + ([target_column] if target_column else [])
 
 
