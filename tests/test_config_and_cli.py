@@ -34,6 +34,17 @@ def test_target_matching_nothing_names_close_modules():
     assert not any(isinstance(m, peftlab.methods.LoraLayer) for m in model.modules())
 
 
+@pytest.mark.parametrize("preset, wanted, same_role", [
+    ("llama-tiny", ["query", "value"], ["q_proj", "v_proj"]), ("bert-tiny", ["q", "v"], ["query", "value"]),
+    ("t5-tiny", ["q_proj", "o_proj"], ["q", "o"]), ("gpt2-tiny", ["q", "v"], ["c_attn"])])
+def test_targets_from_another_architecture_suggest_this_ones_names(preset, wanted, same_role):
+    model, _ = fresh_base(preset)
+    with pytest.raises(peftlab.PeftlabError) as err:
+        peftlab.apply(model, peftlab.LoraConfig(targets=wanted))
+    suggested = str(err.value).split("closest that exist: ")[1]
+    assert suggested.startswith(str(same_role)[:-1])
+
+
 def test_parse_targets():
     assert parse_targets("q, v") == ["q", "v"]
     assert parse_targets("all-linear") == "all-linear"

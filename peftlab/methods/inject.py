@@ -22,6 +22,10 @@ BASE_NAME = "__base__"  # in a mixed batch: the example runs through the base mo
 LINEAR_TYPES = (nn.Linear, Conv1D)
 CLASSIFIER_HEADS = ("score", "classifier")  # peft's SEQ_CLS_HEAD_NAMES
 NORM_CLASS_HINTS = ("LayerNorm", "RMSNorm")  # nn.LayerNorm, T5LayerNorm, LlamaRMSNorm, ...
+# What each architecture calls its attention projections, so that targets written for one base (the seed's
+# q, v on T5) are answered on another with its own names (q_proj, v_proj; query, value; GPT-2's fused c_attn).
+ATTENTION_NAMES = ({"q", "q_proj", "query", "q_lin", "c_attn"}, {"k", "k_proj", "key", "k_lin", "c_attn"},
+                   {"v", "v_proj", "value", "v_lin", "c_attn"}, {"o", "o_proj", "out_proj", "out_lin"})
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -219,10 +223,17 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
     if not names:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         wanted = [config.targets] if isinstance(config.targets, str) else config.targets
-        close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(w, suffixes, n=3, cutoff=0.3)))
+        close = closest_names(wanted, suffixes)
         raise PeftlabError(f"targets {config.targets!r} match no module of {type(model).__name__}; "
                            f"closest that exist: {close or suffixes[:10]} (list all: `peftlab inspect --model M`)")
     return names
+
+
+def closest_names(wanted: list[str], names: list[str]) -> list[str]:
+    """The names playing the same attention role as a wanted one, then those spelt like one."""
+    same_role = [n for w in wanted for group in ATTENTION_NAMES if w in group for n in names if n in group]
+    similar = [n for w in wanted for n in difflib.get_close_matches(w, names, n=3, cutoff=0.3)]
+    return list(dict.fromkeys(same_role + similar))
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
