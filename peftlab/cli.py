@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def template_text(text: str) -> str:
+    """argparse type for --template: a shell passes '\\n' as two characters; a template means a newline."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _method_names() -> list[str]:
@@ -68,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 TRAIN_FLAGS = {
     "--model": ("model.name", str), "--task": ("model.task", str), "--data": ("data.train", str),
     "--validation-data": ("data.validation", str), "--input-column": ("data.input_column", str),
-    "--target-column": ("data.target_column", str), "--template": ("data.template", str),
+    "--target-column": ("data.target_column", str), "--template": ("data.template", template_text),
     "--max-source-length": ("data.max_source_length", int), "--max-target-length": ("data.max_target_length", int),
     "--method": ("method.name", str), "--r": ("method.r", int), "--alpha": ("method.alpha", float),
     "--targets": ("method.targets", str), "--dropout": ("method.dropout", float),
@@ -293,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = _config_defaults()
     for flag, (key, kind) in TRAIN_FLAGS.items():
         default = "" if defaults[key] is None else f" (default {defaults[key]})"
-        p.add_argument(flag, type=kind, help=f"sets {key}{default}")
+        escapes = r"; \n and \t are a newline and a tab" if kind is template_text else ""
+        p.add_argument(flag, type=kind, help=f"sets {key}{default}{escapes}")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--nproc", type=int, help="run N processes on this machine (torchrun; DDP or --distributed fsdp)")
     p.add_argument("set", nargs="*", metavar="key=value", help="any other config key, e.g. optim.weight_decay=0.01")

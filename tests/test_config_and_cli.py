@@ -77,3 +77,14 @@ def test_train_help_shows_the_config_defaults(capsys):
     assert f"--alpha ALPHA sets method.alpha (default {defaults.method.alpha})" in text
     assert f"--dropout DROPOUT sets method.dropout (default {defaults.method.dropout})" in text
     assert "--data DATA sets data.train --validation-data" in text  # no default: none shown
+
+
+def test_template_flag_reads_backslash_n_and_t_as_a_shell_user_means_them(tmp_path):
+    import yaml
+
+    from peftlab.data.synth import write_jsonl
+    data = write_jsonl([{"question": f"q{i}", "answer": "a"} for i in range(8)], tmp_path / "d.jsonl")
+    assert main(["train", "--model", "random:llama-tiny", "--data", str(data), "--target-column", "answer",
+                 "--template", r"Q:\t{question}\nA: \\n", "--max-steps", "1", "--output", str(tmp_path / "o")]) == 0
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert saved["data"]["template"] == "Q:\t{question}\nA: \\n"  # an escaped backslash stays one

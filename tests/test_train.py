@@ -342,3 +342,22 @@ def test_long_causal_prompt_keeps_its_end_and_bos_plain_text_keeps_its_start():
     plain = Formatter("causal", tokenizer, "text", None, max_source_length=8)(row)["input_ids"]
     assert plain[0] == bos and tokenizer.decode(plain[1:]) == "a long "
     assert tokenizer.truncation_side == "right"  # the shared tokenizer is left as it was
+
+
+def test_a_text_past_the_models_maximum_is_counted_not_warned_by_transformers():
+    import logging
+
+    from peftlab.data.tasks import Formatter
+    _, tokenizer = peftlab.load_model("random:llama-tiny")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    try:
+        formatter = Formatter("causal", tokenizer, "text", None, max_source_length=16)
+        ids = formatter({"text": "x" * (tokenizer.model_max_length + 10)})["input_ids"]
+    finally:
+        logger.removeHandler(handler)
+    assert len(ids) == 16 and formatter.truncated == 1
+    assert not [r for r in records if "longer than the specified maximum" in r.getMessage()]

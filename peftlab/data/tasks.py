@@ -57,7 +57,9 @@ class Formatter:
         return self.template.format(**row) if self.template else str(row[self.input_column])
 
     def _ids(self, text: str, limit: int, special: bool = True, side: str = "right") -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        # limit + 1 tells a text that fits from one that does not, without transformers' warning about
+        # sequences longer than the model's maximum (the warning below counts what was cut)
+        ids = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=limit + 1)["input_ids"]
         if len(ids) > limit:
             self.truncated += 1
             with truncation_side(self.tokenizer, side):
