@@ -16,6 +16,7 @@ from peftlab.data.synth import generate, write_jsonl
 from peftlab.train import lean, loop
 from peftlab.train.config import load_config
 from peftlab.train.schedule import lr_multiplier
+from peftlab.train.state import interrupted_hint
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 
@@ -162,7 +163,7 @@ def test_seed_alpha_law_on_flan_t5_small(tmp_path):
     assert all(1.6 <= r <= 2.4 for r in ratios), (first, ratios)
 
 
-def test_resume_is_bit_identical(tmp_path, monkeypatch):
+def test_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
     settings = {"model.name": "random:t5-tiny", "run.max_steps": 8, "run.save_steps": 3, "method.dropout": 0.1,
                 "optim.warmup_steps": 2, **TASKS["t5-tiny"]}
     straight = run(tmp_path, "straight", settings)
@@ -178,6 +179,9 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", settings)
+    assert f"interrupted after step 3; {tmp_path / 'resumed' / 'checkpoint-3'} is saved: run the same command " \
+        "with --resume latest" in capsys.readouterr().err
+    assert "no checkpoint was saved (train with --save-steps N" in interrupted_hint(tmp_path / "none", 8)
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = run(tmp_path, "resumed", {**settings, "run.resume": "latest"})
     a = load_file(straight.output / "adapter_model.safetensors")

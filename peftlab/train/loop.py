@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,14 @@ from peftlab.train.lean import clipped_step, gradient_norms, make_lean, sparse_e
 from peftlab.train.loss import training_loss
 from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
-from peftlab.train.state import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from peftlab.train.state import (
+    find_checkpoint,
+    interrupted_hint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -205,6 +213,10 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
                 _write(log, metrics)
             if r.save_steps and step % r.save_steps == 0:
                 _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world, window)
+    except KeyboardInterrupt:
+        if world.is_main:
+            print(interrupted_hint(out, step), file=sys.stderr)
+        raise
     finally:
         bar.close()
     result.eval_after = score(model, val_batches, device)

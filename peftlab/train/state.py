@@ -63,6 +63,15 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     return path
 
 
+def interrupted_hint(out: Path, step: int) -> str:
+    """What a user stopping a run (Ctrl-C) needs next: where it can continue from."""
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        return f"interrupted after step {step}; no checkpoint was saved (train with --save-steps N to keep some)"
+    return (f"interrupted after step {step}; {checkpoints[-1]} is saved: run the same command with "
+            "--resume latest to continue from it")
+
+
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
