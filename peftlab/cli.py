@@ -75,6 +75,7 @@ TRAIN_FLAGS = {
     "--model": ("model.name", str), "--task": ("model.task", str), "--data": ("data.train", str),
     "--validation-data": ("data.validation", str), "--input-column": ("data.input_column", str),
     "--target-column": ("data.target_column", str), "--template": ("data.template", template_text),
+    "--pair-column": ("data.pair_column", str),
     "--max-source-length": ("data.max_source_length", int), "--max-target-length": ("data.max_target_length", int),
     "--method": ("method.name", str), "--r": ("method.r", int), "--alpha": ("method.alpha", float),
     "--targets": ("method.targets", str), "--dropout": ("method.dropout", float),

@@ -212,7 +212,10 @@ def byte_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerBase:
         tok.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=[(t, i) for t, i in specials.items() if t in single + pair])
     roles = _roles(config.model_type)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512,
+    # BERT's segment ids tell a text pair's two texts apart, as its own tokenizer returns them
+    inputs = {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]} \
+        if config.model_type == "bert" else {}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **inputs,
                                         **{role: text for role, text in roles.items() if text in specials})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

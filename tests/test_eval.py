@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import fresh_base, randomize_lora_B
 from rouge_score import rouge_scorer
-from test_train import TASKS, run, seq_rows
+from test_train import TASKS, WORDS, run, seq_rows
 from transformers import AutoModelForSeq2SeqLM
 
 import peftlab
@@ -241,3 +241,44 @@ def test_causal_generation_cuts_a_long_prompt_from_the_left():
     assert cut == generate(model, tokenizer, [prompt[-8:]], "causal", max_new_tokens=4)  # BOS + the last 8
     assert cut != generate(model, tokenizer, [prompt[:8]], "causal", max_new_tokens=4)
     assert tokenizer.truncation_side == "right"
+
+
+def pair_rows(n=40):
+    """Does the hypothesis name the premise's first word? A text-pair task (as RTE's sentence1, sentence2)."""
+    rows = []
+    for i in range(n):
+        words = [WORDS[(i * 3 + k) % len(WORDS)] for k in range(4)]
+        named = words[0] if i % 2 else WORDS[(i * 3 + 5) % len(WORDS)]
+        rows.append({"premise": " ".join(words), "hypothesis": named, "label": "yes" if i % 2 else "no"})
+    return rows
+
+
+def test_text_pair_classification_trains_evaluates_and_loads_in_peft_on_the_tokenizers_pairs(tmp_path):
+    result = run(tmp_path, "pair", {"model.name": "random:bert-tiny", "run.max_steps": 10,
+                                    "data.input_column": "premise", "data.pair_column": "hypothesis"},
+                 rows=pair_rows())
+    assert main(["eval", "-p", str(result.output)]) == 0
+    metrics = json.loads((result.output / "eval" / "metrics.json").read_text())["adapter"]
+    assert metrics["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)
+    records = [json.loads(line) for line in (result.output / "eval" / "predictions.jsonl").read_text().splitlines()]
+    base, tokenizer = fresh_base("bert-tiny")
+    theirs = peft.PeftModel.from_pretrained(base, result.output).eval()
+    batch = tokenizer([r["input"] for r in records], [r["input_pair"] for r in records], padding=True,
+                      return_tensors="pt")
+    assert batch["token_type_ids"].any()  # the second texts are segment 1, as BERT was trained on pairs
+    labels = torch.tensor([["no", "yes"].index(r["reference"]) for r in records])
+    with torch.no_grad():
+        logits = theirs(**batch).logits
+    assert len(records) <= 8  # one eval batch: its loss is the mean over these examples
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert [["no", "yes"][i] for i in logits.argmax(-1).tolist()] == [r["prediction"] for r in records]
+
+
+def test_pair_column_is_refused_outside_classification_and_named_when_missing(tmp_path):
+    with pytest.raises(peftlab.PeftlabError, match="data.pair_column is for classification of text pairs, this "
+                                                   "task is seq2seq: name both columns in --template instead"):
+        run(tmp_path, "s", {"model.name": "random:t5-tiny", "data.pair_column": "summary", "run.max_steps": 1,
+                            **TASKS["t5-tiny"]})
+    with pytest.raises(peftlab.PeftlabError, match=r"lacks column\(s\) \['hypothesis'\]"):
+        run(tmp_path, "c", {"model.name": "random:bert-tiny", "data.pair_column": "hypothesis", "run.max_steps": 1},
+            rows=synth("sentiment", 20, seed=0))

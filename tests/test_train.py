@@ -365,3 +365,23 @@ def test_a_text_past_the_models_maximum_is_counted_not_warned_by_transformers():
         logger.removeHandler(handler)
     assert len(ids) == 16 and formatter.truncated == 1
     assert not [r for r in records if "longer than the specified maximum" in r.getMessage()]
+
+
+def test_text_pair_encoding_and_truncation_equal_the_tokenizers_own():
+    from peftlab.data.batching import collate
+    from peftlab.data.tasks import Formatter
+    _, tokenizer = peftlab.load_model("minilm")  # the real BERT WordPiece tokenizer
+    formatter = Formatter("classification", tokenizer, "premise", "label", labels=["no", "yes"],
+                          pair_column="hypothesis", max_source_length=12)
+    rows = [{"premise": "the cat sat on the mat all day long", "hypothesis": "a cat sat", "label": "yes"},
+            {"premise": "short", "hypothesis": "text", "label": "no"}]
+    encoded = [formatter(r) for r in rows]
+    for row, example in zip(rows, encoded, strict=True):
+        expected = tokenizer(row["premise"], row["hypothesis"], truncation=True, max_length=12)
+        assert example["input_ids"] == expected["input_ids"]
+        assert example["token_type_ids"] == expected["token_type_ids"]
+    assert formatter.truncated == 1
+    batch = collate(encoded, tokenizer.pad_token_id)
+    expected = tokenizer([r["premise"] for r in rows], [r["hypothesis"] for r in rows], truncation=True,
+                         max_length=12, padding=True, return_tensors="pt")
+    assert all(torch.equal(batch[k], expected[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))

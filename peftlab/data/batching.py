@@ -33,6 +33,10 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         input_ids[row, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[row, :len(e["input_ids"])] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in examples[0]:  # a text pair: padding is segment 0, as the tokenizer pads
+        batch["token_type_ids"] = torch.zeros_like(input_ids)
+        for row, e in enumerate(examples):
+            batch["token_type_ids"][row, :len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
     if isinstance(examples[0]["labels"], int):
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     else:

@@ -13,10 +13,12 @@ from peftlab.errors import PeftlabError
 IGNORE_INDEX = -100  # label positions the loss skips (padding, prompts)
 
 
-def required_columns(template: str | None, input_column: str, target_column: str | None) -> list[str]:
-    """The columns a row must have: the template's fields (or the input column) and the target."""
+def required_columns(template: str | None, input_column: str, target_column: str | None,
+                     pair_column: str | None = None) -> list[str]:
+    """The columns a row must have: the template's fields (or the input column), the pair's and the target."""
+    others = [c for c in (pair_column, target_column) if c]
     if not template:
-        return [input_column] + ([target_column] if target_column else [])
+        return [input_column] + others
     hint = "name columns as {column} and write a literal brace as {{ or }}"
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
@@ -26,7 +28,7 @@ def required_columns(template: str | None, input_column: str, target_column: str
         raise PeftlabError(f"template {template!r} has positional field(s) {['{' + f + '}' for f in unnamed]}: {hint}")
     if not fields:
         raise PeftlabError(f"template {template!r} names no column, so every example would get the same input: {hint}")
-    return fields + ([target_column] if target_column else [])
+    return fields + others
 
 
 @contextmanager
@@ -51,20 +53,39 @@ class Formatter:
     max_source_length: int = 128
     max_target_length: int = 64
     labels: list[str] = field(default_factory=list)
+    pair_column: str | None = None  # classification: the second text of a pair (RTE's sentence2)
     truncated: int = 0  # texts (sources, targets) cut to fit the maximum lengths
+
+    def __post_init__(self) -> None:
+        if self.pair_column and self.task != "classification":
+            raise PeftlabError(f"data.pair_column is for classification of text pairs, this task is {self.task}: "
+                               "name both columns in --template instead")
+
+    @classmethod
+    def for_data(cls, task: str, tokenizer: Any, data: Any, labels: list[str]) -> Formatter:
+        """The formatter a config's data section asks for (training and eval build the same one)."""
+        return cls(task, tokenizer, data.input_column, data.target_column, data.template, data.max_source_length,
+                   data.max_target_length, labels, data.pair_column)
 
     def source(self, row: dict) -> str:
         return self.template.format(**row) if self.template else str(row[self.input_column])
 
     def _ids(self, text: str, limit: int, special: bool = True, side: str = "right") -> list[int]:
+        return self._encode(text, limit, special, side)["input_ids"]
+
+    def _encode(self, text: str, limit: int, special: bool = True, side: str = "right",
+                pair: str | None = None) -> dict[str, list[int]]:
+        """input_ids (and for a pair, the tokenizer's token_type_ids), cut to `limit` tokens from `side`;
+        a pair is cut from its longer text first."""
         # limit + 1 tells a text that fits from one that does not, without transformers' warning about
         # sequences longer than the model's maximum (the warning below counts what was cut)
-        ids = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=limit + 1)["input_ids"]
-        if len(ids) > limit:
+        encoded = self.tokenizer(text, pair, add_special_tokens=special, truncation=True, max_length=limit + 1)
+        if len(encoded["input_ids"]) > limit:
             self.truncated += 1
             with truncation_side(self.tokenizer, side):
-                ids = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=limit)["input_ids"]
-        return ids
+                encoded = self.tokenizer(text, pair, add_special_tokens=special, truncation=True, max_length=limit)
+        keys = ("input_ids", "token_type_ids") if pair is not None else ("input_ids",)
+        return {k: encoded[k] for k in keys if k in encoded}
 
     def __call__(self, row: dict) -> dict[str, Any]:
         return getattr(self, f"_{self.task}")(row)
@@ -88,7 +109,8 @@ class Formatter:
         if label not in self.label_ids:
             raise PeftlabError(f"label {label!r} is not in the known set {self.labels}: fix the data or list all "
                                "labels in data.labels")
-        return {"input_ids": self._ids(self.source(row), self.max_source_length), "labels": self.label_ids[label]}
+        pair = str(row[self.pair_column]) if self.pair_column else None
+        return {**self._encode(self.source(row), self.max_source_length, pair=pair), "labels": self.label_ids[label]}
 
     @property
     def label_ids(self) -> dict[str, int]:

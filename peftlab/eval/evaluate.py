@@ -55,7 +55,8 @@ def _rows(run: LoadedRun, options: EvalOptions) -> list[dict]:
             table, source = read_tables(run.config)[1], f"{settings.train} (held-out validation split)"
     else:
         raise PeftlabError("no evaluation data: pass --data FILE (the checkpoint has no run config naming one)")
-    require_columns(table, required_columns(settings.template, settings.input_column, settings.target_column),
+    require_columns(table, required_columns(settings.template, settings.input_column, settings.target_column,
+                                            settings.pair_column),
                     source)
     rows = list(table)
     return rows[:options.limit] if options.limit else rows
@@ -72,8 +73,7 @@ def _check_run_data(settings: DataSection) -> None:
 def _evaluate_once(run: LoadedRun, rows: list[dict], options: EvalOptions, progress) -> tuple[dict, list[dict]]:
     d = _data_settings(run)
     labels = list(d.labels or sorted({str(r[d.target_column]) for r in rows})) if run.task == "classification" else []
-    formatter = Formatter(run.task, run.tokenizer, d.input_column, d.target_column, d.template,
-                          d.max_source_length, d.max_target_length, labels)
+    formatter = Formatter.for_data(run.task, run.tokenizer, d, labels)
     encoded = [formatter(r) for r in rows]
     device = next(run.model.parameters()).device
     batches = [collate(encoded[s:s + options.batch_size], run.tokenizer.pad_token_id)
@@ -93,6 +93,9 @@ def _evaluate_once(run: LoadedRun, rows: list[dict], options: EvalOptions, progr
         metrics |= text_metrics(predictions, references)
     records = [{"input": s, "reference": r, "prediction": p} for s, r, p in zip(sources, references, predictions,
                                                                                  strict=True)]
+    if d.pair_column:
+        for record, row in zip(records, rows, strict=True):
+            record["input_pair"] = str(row[d.pair_column])
     return metrics, records
 
 

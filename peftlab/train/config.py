@@ -31,6 +31,7 @@ class DataSection:
     input_column: str = "text"
     target_column: str | None = "label"  # the label column for classification
     template: str | None = None  # e.g. "summarize: {dialogue}"
+    pair_column: str | None = None  # classification of text pairs: the second text (e.g. RTE's sentence2)
     labels: list[str] | None = None  # classification label set; default: sorted labels seen in train
     max_source_length: int = 128
     max_target_length: int = 64

@@ -121,7 +121,7 @@ class EncodedData:
 def read_tables(cfg: TrainConfig):
     """Train and validation tables, checked for the needed columns; validation held out if not given."""
     d = cfg.data
-    formatter_columns = required_columns(d.template, d.input_column, d.target_column)
+    formatter_columns = required_columns(d.template, d.input_column, d.target_column, d.pair_column)
     table = load_table(d.train)
     require_columns(table, formatter_columns, d.train)
     if d.validation:
@@ -137,8 +137,7 @@ def read_tables(cfg: TrainConfig):
 
 def encode(cfg: TrainConfig, tokenizer, task: str, tables, labels: list[str]) -> EncodedData:
     d = cfg.data
-    formatter = Formatter(task, tokenizer, d.input_column, d.target_column, d.template, d.max_source_length,
-                          d.max_target_length, labels)
+    formatter = Formatter.for_data(task, tokenizer, d, labels)
     train = [formatter(row) for row in tables[0]]
     truncated_train = formatter.truncated
     validation = [formatter(row) for row in tables[1]]
