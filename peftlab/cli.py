@@ -211,20 +211,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
-    """Texts from the command line or a jsonl file (field "input" or "text"; optional "adapter")."""
+def _input_rows(args: argparse.Namespace) -> list[dict]:
+    """Rows to generate from: the command line's texts, or a jsonl file's rows."""
     if not args.file:
         if not args.inputs:
             raise PeftlabError('nothing to generate from: pass texts ("summarize: ...") or --file inputs.jsonl')
-        return list(args.inputs), None
+        return [{"input": text} for text in args.inputs]
     from peftlab.data.loading import load_table
 
-    rows = list(load_table(args.file))
+    return list(load_table(args.file))
+
+
+def _prompts(rows: list[dict], template: str | None, source: str) -> list[str]:
+    """A file row's prompt: the run's template filled from the row's columns when it has them all (as in
+    training), otherwise its "input" (or "text") field as given; a text from the command line as given."""
+    from peftlab.data.tasks import required_columns
+
+    fields = required_columns(template, "input", None) if template else []
+    if fields and all(f in rows[0] for f in fields) and source != "command line":
+        return [template.format(**r) for r in rows]
     field = next((f for f in ("input", "text") if f in rows[0]), None)
     if field is None:
-        raise PeftlabError(f"{args.file} needs an 'input' or 'text' field; it has {sorted(rows[0])}")
-    adapters = [r.get("adapter") or args.use for r in rows] if "adapter" in rows[0] else None
-    return [str(r[field]) for r in rows], adapters
+        wanted = f"the run's template fields {fields} or " if fields else ""
+        raise PeftlabError(f"{source} needs {wanted}an 'input' or 'text' field; it has {sorted(rows[0])}")
+    return [str(r[field]) for r in rows]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -236,8 +246,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from peftlab.methods.checkpoint import load_adapter
     from peftlab.methods.inject import BASE_NAME, adapters_disabled, per_example_adapters, set_active
 
-    texts, per_example = _inputs(args)
+    rows = _input_rows(args)
     run = load_run(args.p, args.model)
+    texts = _prompts(rows, run.config.data.template if run.config else None, args.file or "command line")
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -245,8 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_adapter(run.model, path, name)
     if args.use and args.use != BASE_NAME:
         set_active(run.model, args.use)
-    if per_example:
-        context = per_example_adapters(run.model, per_example)
+    if "adapter" in rows[0]:
+        context = per_example_adapters(run.model, [r.get("adapter") or args.use for r in rows])
     elif args.use == BASE_NAME:
         context = adapters_disabled(run.model)
     else:
@@ -321,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="batched generation from a checkpoint")
     _add_checkpoint_flags(p)
     p.add_argument("inputs", nargs="*", help="input texts")
-    p.add_argument("--file", help="jsonl with an 'input' (or 'text') field and optionally 'adapter' per row")
+    p.add_argument("--file", help="jsonl rows: the run's template columns, or an 'input' (or 'text') field; "
+                   "optionally 'adapter' per row")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load another adapter on the same base (repeatable)")
     p.add_argument("--use", help="the adapter to run (default: the last loaded); '__base__' for none")

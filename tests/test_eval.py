@@ -282,3 +282,19 @@ def test_pair_column_is_refused_outside_classification_and_named_when_missing(tm
     with pytest.raises(peftlab.PeftlabError, match=r"lacks column\(s\) \['hypothesis'\]"):
         run(tmp_path, "c", {"model.name": "random:bert-tiny", "data.pair_column": "hypothesis", "run.max_steps": 1},
             rows=synth("sentiment", 20, seed=0))
+
+
+def test_generate_file_rows_are_filled_into_the_runs_template(tmp_path, capsys):
+    output = run(tmp_path, "gpt", {"model.name": "random:gpt2-tiny", "run.max_steps": 5, **TASKS["gpt2-tiny"]}).output
+    capsys.readouterr()  # the training log
+    rows = tmp_path / "rows.jsonl"  # Alpaca-like: the row has an "input" column that the template does not use
+    rows.write_text("".join(json.dumps({"dialogue": d, "input": "unused"}) + "\n" for d in ("alpha bravo", "golf")))
+    assert main(["generate", "-p", str(output), "--file", str(rows), "--max-new-tokens", "3"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["input"] for r in records] == ["Q: alpha bravo A:", "Q: golf A:"]
+    assert main(["generate", "-p", str(output), "--max-new-tokens", "3", "Q: alpha bravo A:", "Q: golf A:"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [r["output"] for r in records]  # command-line texts as given
+    rows.write_text(json.dumps({"other": "x"}) + "\n")
+    assert main(["generate", "-p", str(output), "--file", str(rows)]) == 2
+    assert "needs the run's template fields ['dialogue'] or an 'input' or 'text' field; it has ['other']" \
+        in capsys.readouterr().err
