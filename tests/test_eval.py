@@ -298,3 +298,17 @@ def test_generate_file_rows_are_filled_into_the_runs_template(tmp_path, capsys):
     assert main(["generate", "-p", str(output), "--file", str(rows)]) == 2
     assert "needs the run's template fields ['dialogue'] or an 'input' or 'text' field; it has ['other']" \
         in capsys.readouterr().err
+
+
+def test_a_causal_lm_trained_on_text_alone_is_scored_by_loss(tmp_path, capsys):
+    from peftlab.data.synth import write_jsonl
+    data = write_jsonl([{"text": " ".join(r.values())} for r in seq_rows()], tmp_path / "text.jsonl")
+    output = tmp_path / "lm"
+    assert main(["train", "--model", "random:gpt2-tiny", "--data", str(data), "--target-column", "",
+                 "--max-steps", "4", "--output", str(output)]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert main(["eval", "-p", str(output), "--compare-base"]) == 0
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    assert set(metrics["adapter"]) == {"loss", "perplexity"}
+    assert metrics["adapter"]["loss"] == pytest.approx(results["eval_after"]["eval_loss"], rel=1e-6)
+    assert metrics["base"]["loss"] == pytest.approx(results["eval_before"]["eval_loss"], rel=1e-6)

@@ -46,4 +46,5 @@ def require_columns(table: datasets.Dataset, columns: list[str], source: str) ->
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise PeftlabError(f"{source} lacks column(s) {missing}; it has {table.column_names}: "
-                           "set --input-column / --target-column (or use --template)")
+                           "set --input-column / --target-column (or use --template; a causal LM learns the "
+                           "text alone with --target-column '')")

@@ -80,6 +80,9 @@ def _evaluate_once(run: LoadedRun, rows: list[dict], options: EvalOptions, progr
                for s in range(0, len(encoded), options.batch_size)]
     metrics = {k.removeprefix("eval_"): v for k, v in score(run.model, batches, device).items()}
     sources = [formatter.source(r) for r in rows]
+    if not d.target_column:  # a causal LM trained on the text alone: its loss and perplexity are the scores
+        progress(len(rows))
+        return metrics, [{"input": s} for s in sources]
     if run.task == "classification":
         predicted = _classify(run, batches, device)
         predictions = [labels[i] for i in predicted]
