@@ -3,8 +3,8 @@ seeded random weights and an offline tokenizer), plus the packaged pretrained Mi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -143,7 +143,13 @@ def _check_overrides(config: PretrainedConfig, overrides: dict) -> None:
 
 
 def _pretrained(path: str, task: Task | None, num_labels: int, seed: int, overrides: dict):
-    where = "directory" if os.path.isdir(path) else "hub model"
+    local = Path(path)
+    if not local.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise PeftlabError(f"model directory {path!r} not found: check the path (a hub id is 'org/name')")
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        raise PeftlabError(f"{path} holds an adapter, not a base model: pass it as -p to eval, generate or merge "
+                           "(the base is the one its adapter_config.json names)")
+    where = "directory" if local.is_dir() else "hub model"
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -72,3 +72,17 @@ def test_missing_directory_or_offline_hub_id_is_one_line_error(tmp_path):
     with pytest.raises(peftlab.PeftlabError) as err:
         peftlab.load_model(str(tmp_path))  # exists, but holds no config
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model", "runs/no/such"])
+def test_a_path_that_does_not_exist_is_not_looked_up_on_the_hub(name):
+    with pytest.raises(peftlab.PeftlabError, match=f"model directory '{name}' not found: check the path"):
+        peftlab.load_model(name)
+
+
+def test_an_adapter_directory_given_as_the_base_says_where_it_goes(tmp_path):
+    model, _ = fresh_base("t5-tiny")
+    peftlab.apply(model, peftlab.LoraConfig(targets=["q", "v"]))
+    peftlab.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(peftlab.PeftlabError, match="holds an adapter, not a base model: pass it as -p to eval"):
+        peftlab.load_model(str(tmp_path / "adapter"))
