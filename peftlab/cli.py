@@ -211,12 +211,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _input_rows(args: argparse.Namespace) -> list[dict]:
-    """Rows to generate from: the command line's texts, or a jsonl file's rows."""
+def _file_rows(args: argparse.Namespace) -> list[dict] | None:
+    """The --file's rows; None when the texts come from the command line (as given)."""
     if not args.file:
         if not args.inputs:
             raise PeftlabError('nothing to generate from: pass texts ("summarize: ...") or --file inputs.jsonl')
-        return [{"input": text} for text in args.inputs]
+        return None
     from peftlab.data.loading import load_table
 
     return list(load_table(args.file))
@@ -224,11 +224,11 @@ def _input_rows(args: argparse.Namespace) -> list[dict]:
 
 def _prompts(rows: list[dict], template: str | None, source: str) -> list[str]:
     """A file row's prompt: the run's template filled from the row's columns when it has them all (as in
-    training), otherwise its "input" (or "text") field as given; a text from the command line as given."""
+    training), otherwise its "input" (or "text") field as given."""
     from peftlab.data.tasks import required_columns
 
     fields = required_columns(template, "input", None) if template else []
-    if fields and all(f in rows[0] for f in fields) and source != "command line":
+    if fields and all(f in rows[0] for f in fields):
         return [template.format(**r) for r in rows]
     field = next((f for f in ("input", "text") if f in rows[0]), None)
     if field is None:
@@ -246,9 +246,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from peftlab.methods.checkpoint import load_adapter
     from peftlab.methods.inject import BASE_NAME, adapters_disabled, per_example_adapters, set_active
 
-    rows = _input_rows(args)
+    rows = _file_rows(args)
     run = load_run(args.p, args.model)
-    texts = _prompts(rows, run.config.data.template if run.config else None, args.file or "command line")
+    template = run.config.data.template if run.config else None
+    texts = _prompts(rows, template, args.file) if rows is not None else list(args.inputs)
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -256,7 +257,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_adapter(run.model, path, name)
     if args.use and args.use != BASE_NAME:
         set_active(run.model, args.use)
-    if "adapter" in rows[0]:
+    if rows is not None and "adapter" in rows[0]:
         context = per_example_adapters(run.model, [r.get("adapter") or args.use for r in rows])
     elif args.use == BASE_NAME:
         context = adapters_disabled(run.model)
