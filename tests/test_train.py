@@ -385,3 +385,11 @@ def test_text_pair_encoding_and_truncation_equal_the_tokenizers_own():
     expected = tokenizer([r["premise"] for r in rows], [r["hypothesis"] for r in rows], truncation=True,
                          max_length=12, padding=True, return_tensors="pt")
     assert all(torch.equal(batch[k], expected[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))
+
+
+def test_tsv_fields_keep_their_quotes_as_glue_files_mean_them(tmp_path):
+    from peftlab.data.loading import load_table
+    texts = ['"Yes," she said, "it is."', 'a "quoted" word', '"', "plain"]
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    table = load_table(str(tmp_path / "d.tsv"))
+    assert table["sentence"] == texts and [str(x) for x in table["label"]] == ["0", "1", "0", "1"]

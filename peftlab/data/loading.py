@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def load_table(source: str, split: str = "train") -> datasets.Dataset:
             raise PeftlabError(f"cannot read {source}: use a .jsonl, .json, .csv, .tsv or .parquet file")
         if path.stat().st_size == 0:
             raise PeftlabError(f"data file {source} is empty: it needs at least one example")
-        extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        # A TSV field holds any character but tab and newline, quotes included ('"Yes," she said'): GLUE's
+        # files are read so, while CSV quoting would eat those quotes and change the text
+        extra = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
         except Exception as e:  # datasets raises many types for a malformed file
