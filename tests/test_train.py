@@ -393,3 +393,26 @@ def test_tsv_fields_keep_their_quotes_as_glue_files_mean_them(tmp_path):
     (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
     table = load_table(str(tmp_path / "d.tsv"))
     assert table["sentence"] == texts and [str(x) for x in table["label"]] == ["0", "1", "0", "1"]
+
+
+def test_validation_shows_its_own_bar_beside_trainings_and_removes_it(tmp_path, monkeypatch):
+    from peftlab.train.monitor import ProgressReporter
+    seen = []  # (description, completed, total) of every bar each time validation scores a batch
+    real_score = loop.score
+
+    def watching_score(model, batches, device, on_batch=None):
+        def advance():
+            on_batch()
+            seen.append([(t.description, t.completed, t.total) for t in bars[-1].progress.tasks])
+        return real_score(model, batches, device, on_batch=advance)
+
+    bars: list[ProgressReporter] = []
+    monkeypatch.setattr(loop, "score", watching_score)
+    monkeypatch.setattr(loop, "ProgressReporter", lambda *a, **k: bars.append(ProgressReporter(*a, **k)) or bars[-1])
+    result = run(tmp_path, "bar", {"model.name": "random:t5-tiny", "run.max_steps": 4, "run.eval_steps": 2,
+                                   **TASKS["t5-tiny"]}, progress=True)
+    batches = math.ceil(5 / 8)  # 48 rows, 10% held out, batch 8
+    # before training, at step 2 and after step 4: a validation bar that counts its batches
+    assert [s[-1] for s in seen] == [("validation", batches, batches)] * 3
+    assert [s[0][:2] for s in seen] == [("training", 0), ("training", 2), ("training", 4)]
+    assert [t.description for t in bars[0].progress.tasks] == ["training"] and result.eval_after

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -12,8 +12,10 @@ from peftlab.train.loss import lm_loss, supports_chunked_loss
 
 
 @torch.no_grad()
-def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """Mean loss (weighted by batch size), perplexity for LMs, accuracy for classification."""
+def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+          on_batch: Callable[[], None] | None = None) -> dict[str, float]:
+    """Mean loss (weighted by batch size), perplexity for LMs, accuracy for classification; `on_batch()` is
+    called after each batch (progress)."""
     was_training = model.training
     model.eval()
     loss_sum, examples, correct, classification = 0.0, 0, 0, False
@@ -23,12 +25,14 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: 
         examples += n
         if batch["labels"].dim() == 2 and supports_chunked_loss(model):  # no batch x length x vocab logits
             loss_sum += float(lm_loss(model, batch)) * n
-            continue
-        out = model(**batch)
-        loss_sum += float(out.loss) * n
-        if batch["labels"].dim() == 1:
-            classification = True
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            out = model(**batch)
+            loss_sum += float(out.loss) * n
+            if batch["labels"].dim() == 1:
+                classification = True
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        if on_batch:
+            on_batch()
     model.train(was_training)
     metrics = {"eval_loss": loss_sum / max(examples, 1)}
     if classification:

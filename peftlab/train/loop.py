@@ -184,13 +184,13 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
     else:
         if world.distributed:  # same init everywhere (above); different dropout draws per process from here
             torch.manual_seed(r.seed + world.rank)
-        if r.eval_before:
-            result.eval_before = score(model, val_batches, device)
     log = MetricsLog(out / "metrics.jsonl", resumed_at=step if state is not None else None) if world.is_main else None
-    bar = ProgressReporter(total, start=step, enabled=progress)
     # what a resumed run's first log line averages over: the steps since the last line, before the checkpoint too
     window = LogWindow(**state.get("log_window", {})) if state is not None else LogWindow()
+    bar = ProgressReporter(total, start=step, enabled=progress)
     try:
+        if state is None and r.eval_before:
+            result.eval_before = _validate(model, val_batches, device, bar)
         while step < total:
             t0 = time.perf_counter()
             loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, step, task)
@@ -208,18 +208,18 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
                 result.logs.append(record)
                 window = LogWindow()
             if r.eval_steps and step % r.eval_steps == 0 and step < total:
-                metrics = {"step": step, **score(model, val_batches, device)}
+                metrics = {"step": step, **_validate(model, val_batches, device, bar)}
                 bar.print(str(metrics))
                 _write(log, metrics)
             if r.save_steps and step % r.save_steps == 0:
                 _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world, window)
+        result.eval_after = _validate(model, val_batches, device, bar)
     except KeyboardInterrupt:
         if world.is_main:
             print(interrupted_hint(out, step), file=sys.stderr)
         raise
     finally:
         bar.close()
-    result.eval_after = score(model, val_batches, device)
     _write(log, {"step": step, "final": True, **result.eval_after})
     peak_above_baseline = peak_memory_bytes(device) - baseline_mb * 2**20
     memory = measured_parts(peak_above_baseline, model, optimizer)  # this process's share under FSDP
@@ -234,6 +234,11 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
                 "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None),
                 "memory_mb": memory.as_mb(), "allocator": allocator_in_use()}, indent=2))
     return result
+
+
+def _validate(model, val_batches: list, device: torch.device, bar: ProgressReporter) -> dict[str, float]:
+    with bar.phase("validation", len(val_batches)) as advance:
+        return score(model, val_batches, device, on_batch=advance)
 
 
 def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,27 @@ class ProgressReporter:
         self.enabled = sys.stdout.isatty() if enabled is None else enabled
         self.progress = None
         if self.enabled:
-            self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-            self.task = self.progress.add_task("train", total=total, completed=start)
+            self.task = self.progress.add_task("training", total=total, completed=start, start=False)
             self.progress.start()
 
     def advance(self) -> None:
         if self.progress:
+            self.progress.start_task(self.task)  # the clock starts at the first step, after any validation
             self.progress.advance(self.task)
+
+    @contextmanager
+    def phase(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        """A second bar for a pass inside the run (validation), removed when the pass ends; yields `advance`."""
+        if not self.progress:
+            yield lambda: None
+            return
+        task = self.progress.add_task(description, total=total)
+        try:
+            yield lambda: self.progress.advance(task)
+        finally:
+            self.progress.remove_task(task)
 
     def print(self, text: str) -> None:
         if self.progress:
