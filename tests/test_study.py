@@ -62,6 +62,11 @@ def test_sweep_resumes_without_rerunning_finished_points(swept, capsys):
     after = {r["point"]: (directory / r["point"] / "results.json").stat().st_mtime_ns for r in rows}
     assert before == after
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
+    sweep_json = (directory / "sweep.json").read_bytes()
+    with pytest.raises(PeftlabError, match=r"holds a sweep of other settings \(run.max_steps 4 -> 6\): its finished "
+                                           "points would be reused"):
+        sweep(None, ["r=2,4", "alpha=2r"], directory, [*fixed, "run.max_steps=6"])
+    assert (directory / "sweep.json").read_bytes() == sweep_json
 
 
 def test_report_files_and_figures(swept, tmp_path):

@@ -23,7 +23,7 @@ import yaml
 
 from peftlab.errors import PeftlabError
 from peftlab.io import write_text
-from peftlab.train.config import full_key, load_config
+from peftlab.train.config import changed_settings, full_key, load_config
 
 ALIASES = {"method": "method.name", "rank": "method.r"}
 DERIVED = re.compile(r"^(\d*\.?\d*)\s*\*?\s*([A-Za-z_][\w.]*)$")  # 2r, 0.5*r, r
@@ -101,6 +101,7 @@ def sweep(config: str | None, grids: list[str], output: str | Path, overrides: l
     for point in points:
         load_config(config, {**fixed, **point}).validate()
     out = Path(output)
+    check_same_sweep(out, base.to_dict())
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "sweep.json", json.dumps({"config": base.to_dict(), "grid": grids, "points": points}, indent=2))
     for i, point in enumerate(points, 1):
@@ -108,6 +109,20 @@ def sweep(config: str | None, grids: list[str], output: str | Path, overrides: l
     rows = [summary_row(out / point_name(p)) for p in points]
     write_summary(out, rows)
     return rows
+
+
+def check_same_sweep(out: Path, settings: dict[str, dict]) -> None:
+    """A sweep re-run into its directory resumes it (finished points are skipped, new grid points run):
+    refuse it when the settings outside the grid changed, since the finished points would not follow them."""
+    try:
+        saved = json.loads((out / "sweep.json").read_text())["config"]
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError) as e:
+        raise PeftlabError(f"{out / 'sweep.json'} cannot be read ({e}): use another --output") from None
+    if changed := changed_settings(saved, settings, list(settings)):
+        raise PeftlabError(f"{out} holds a sweep of other settings ({'; '.join(changed)}): its finished points "
+                           f"would be reused as they are; use another --output, or delete {out} to run it anew")
 
 
 def run_point(config: str | None, point: dict[str, Any], out: Path, overrides: list[str] = (),

@@ -149,6 +149,12 @@ METHOD_NAMES = (*METHODS, "full")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
+def changed_settings(saved: dict[str, dict], now: dict[str, dict], sections: list[str]) -> list[str]:
+    """`section.key old -> new` for each setting of `sections` that differs between two configs' dicts."""
+    return [f"{section}.{key} {saved.get(section, {}).get(key)!r} -> {value!r}" for section in sections
+            for key, value in now[section].items() if saved.get(section, {}).get(key) != value]
+
+
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, section in _section_classes().items() for f in dataclasses.fields(section)]
 

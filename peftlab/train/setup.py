@@ -16,7 +16,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods import build_config
 from peftlab.methods.checkpoint import save_adapter
 from peftlab.methods.inject import CLASSIFIER_HEADS, apply
-from peftlab.train.config import TrainConfig, load_config
+from peftlab.train.config import TrainConfig, changed_settings, load_config
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")  # these mark a run
 RUN_OUTPUTS = (*RUN_FILES, "adapter_model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -74,8 +74,7 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     saved_config = load_config(saved_path)
     absolute_local_paths(saved_config)  # as this run's own were made (a run saved before that kept them relative)
     saved, now = saved_config.to_dict(), cfg.to_dict()
-    changed = [f"{section}.{key} {saved[section].get(key)!r} -> {value!r}" for section in ("model", "method")
-               for key, value in now[section].items() if saved[section].get(key) != value]
+    changed = changed_settings(saved, now, ["model", "method"])
     if changed:
         raise PeftlabError(f"--resume: {'; '.join(changed)} (against {saved_path}): resume with the run's own "
                            "settings, or start a new run in another --output")
