@@ -416,3 +416,24 @@ def test_validation_shows_its_own_bar_beside_trainings_and_removes_it(tmp_path, 
     assert [s[-1] for s in seen] == [("validation", batches, batches)] * 3
     assert [s[0][:2] for s in seen] == [("training", 0), ("training", 2), ("training", 4)]
     assert [t.description for t in bars[0].progress.tasks] == ["training"] and result.eval_after
+
+
+def test_packing_joins_whole_texts_with_eos_into_full_blocks(tmp_path):
+    from peftlab.data.tasks import Formatter
+    from peftlab.eval.evaluate import EvalOptions, evaluate
+    _, tokenizer = peftlab.load_model("random:llama-tiny")
+    texts = [" ".join(r.values()) * (1 + i % 3) for i, r in enumerate(seq_rows(12))]
+    formatter = Formatter("causal", tokenizer, "text", None, max_source_length=16, pack=True)
+    blocks = formatter.encode_all({"text": t} for t in texts)
+    stream = [i for t in texts for i in tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]]
+    assert [i for b in blocks for i in b["input_ids"]] == stream  # nothing cut, nothing dropped
+    assert {len(b["input_ids"]) for b in blocks[:-1]} == {16} and 0 < len(blocks[-1]["input_ids"]) <= 16
+    assert all(b["labels"] == b["input_ids"] for b in blocks) and formatter.truncated == 0
+    with pytest.raises(peftlab.PeftlabError, match="data.pack joins the texts of a causal LM trained on text alone"):
+        Formatter("causal", tokenizer, "text", "answer", pack=True)
+    result = run(tmp_path, "packed", {"model.name": "random:llama-tiny", "data.input_column": "dialogue",
+                                      "data.target_column": None, "data.pack": True, "data.max_source_length": 32,
+                                      "run.max_steps": 3})
+    loaded = peftlab.eval.runs.load_run(result.output)
+    metrics = evaluate(loaded, result.output, EvalOptions(output=str(tmp_path / "ev"), batch_size=64), show=False)
+    assert metrics["adapter"]["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)

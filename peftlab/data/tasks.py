@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,18 +54,32 @@ class Formatter:
     max_target_length: int = 64
     labels: list[str] = field(default_factory=list)
     pair_column: str | None = None  # classification: the second text of a pair (RTE's sentence2)
+    pack: bool = False  # causal LM on text alone: texts joined (EOS after each), cut into max_source_length blocks
     truncated: int = 0  # texts (sources, targets) cut to fit the maximum lengths
 
     def __post_init__(self) -> None:
         if self.pair_column and self.task != "classification":
             raise PeftlabError(f"data.pair_column is for classification of text pairs, this task is {self.task}: "
                                "name both columns in --template instead")
+        if self.pack and (self.task != "causal" or self.target_column):
+            raise PeftlabError(f"data.pack joins the texts of a causal LM trained on text alone, this is a {self.task} "
+                               f"task with target column {self.target_column!r}: use --target-column '' or drop pack")
 
     @classmethod
     def for_data(cls, task: str, tokenizer: Any, data: Any, labels: list[str]) -> Formatter:
         """The formatter a config's data section asks for (training and eval build the same one)."""
         return cls(task, tokenizer, data.input_column, data.target_column, data.template, data.max_source_length,
-                   data.max_target_length, labels, data.pair_column)
+                   data.max_target_length, labels, data.pair_column, data.pack)
+
+    def encode_all(self, rows: Iterable[dict]) -> list[dict[str, Any]]:
+        """Every row's example; with `pack`, the rows' tokens as one stream cut into blocks (the last one shorter),
+        as HF's run_clm groups texts, so no text is cut short and no block holds padding but the last."""
+        examples = [self(row) for row in rows]
+        if not self.pack:
+            return examples
+        stream = [i for e in examples for i in e["input_ids"]]
+        size = self.max_source_length
+        return [{"input_ids": stream[s:s + size], "labels": stream[s:s + size]} for s in range(0, len(stream), size)]
 
     def source(self, row: dict) -> str:
         return self.template.format(**row) if self.template else str(row[self.input_column])
@@ -95,6 +109,9 @@ class Formatter:
                 "labels": self._ids(str(row[self.target_column]), self.max_target_length)}
 
     def _causal(self, row: dict) -> dict[str, Any]:
+        if self.pack:  # the whole text and an EOS that ends it; encode_all cuts the stream into blocks
+            ids = self.tokenizer(self.source(row), verbose=False)["input_ids"]
+            return {"input_ids": ids + [self.tokenizer.eos_token_id], "labels": []}
         if not self.target_column:  # plain language modelling on the text
             text = self._ids(self.source(row), self.max_source_length)
             return {"input_ids": text, "labels": list(text)}

@@ -74,7 +74,7 @@ def _evaluate_once(run: LoadedRun, rows: list[dict], options: EvalOptions, progr
     d = _data_settings(run)
     labels = list(d.labels or sorted({str(r[d.target_column]) for r in rows})) if run.task == "classification" else []
     formatter = Formatter.for_data(run.task, run.tokenizer, d, labels)
-    encoded = [formatter(r) for r in rows]
+    encoded = formatter.encode_all(rows)
     device = next(run.model.parameters()).device
     batches = [collate(encoded[s:s + options.batch_size], run.tokenizer.pad_token_id)
                for s in range(0, len(encoded), options.batch_size)]

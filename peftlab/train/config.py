@@ -32,6 +32,7 @@ class DataSection:
     target_column: str | None = "label"  # the label column for classification
     template: str | None = None  # e.g. "summarize: {dialogue}"
     pair_column: str | None = None  # classification of text pairs: the second text (e.g. RTE's sentence2)
+    pack: bool = False  # causal LM on text alone (target_column ''): texts joined, cut into max_source_length blocks
     labels: list[str] | None = None  # classification label set; default: sorted labels seen in train
     max_source_length: int = 128
     max_target_length: int = 64

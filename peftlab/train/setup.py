@@ -137,9 +137,11 @@ def read_tables(cfg: TrainConfig):
 def encode(cfg: TrainConfig, tokenizer, task: str, tables, labels: list[str]) -> EncodedData:
     d = cfg.data
     formatter = Formatter.for_data(task, tokenizer, d, labels)
-    train = [formatter(row) for row in tables[0]]
+    train = formatter.encode_all(tables[0])
     truncated_train = formatter.truncated
-    validation = [formatter(row) for row in tables[1]]
+    validation = formatter.encode_all(tables[1])
+    if d.pack:
+        print(f"Packed {len(tables[0])} training texts into {len(train)} blocks of {d.max_source_length} tokens")
     if truncated_train:
         print(f"warning: {truncated_train} texts (sources or targets) of {len(train)} training examples were cut to "
               f"max_source_length={d.max_source_length} / max_target_length={d.max_target_length}")
