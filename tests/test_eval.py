@@ -312,3 +312,30 @@ def test_a_causal_lm_trained_on_text_alone_is_scored_by_loss(tmp_path, capsys):
     assert set(metrics["adapter"]) == {"loss", "perplexity"}
     assert metrics["adapter"]["loss"] == pytest.approx(results["eval_after"]["eval_loss"], rel=1e-6)
     assert metrics["base"]["loss"] == pytest.approx(results["eval_before"]["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "t5-tiny"])
+def test_eval_loss_is_the_mean_over_all_labelled_tokens_however_batched(preset):
+    from peftlab.data.batching import collate
+    from peftlab.data.tasks import Formatter
+    from peftlab.eval.scoring import score
+    model, tokenizer = fresh_base(preset)
+    task = "causal" if preset == "gpt2-tiny" else "seq2seq"
+    formatter = Formatter(task, tokenizer, "dialogue", "summary")
+    examples = [formatter({"dialogue": r["dialogue"][: 3 + 4 * i], "summary": r["summary"] * (1 + i % 3)})
+                for i, r in enumerate(seq_rows(7))]  # lengths differ, so batch means differ
+    by = {size: score(model, [collate(examples[s:s + size], tokenizer.pad_token_id)
+                              for s in range(0, len(examples), size)], torch.device("cpu"))["eval_loss"]
+          for size in (1, 3, 7)}
+    token_losses = []
+    with torch.no_grad():
+        for e in examples:
+            batch = collate([e], tokenizer.pad_token_id)
+            logits, labels = model(**batch).logits, batch["labels"]
+            if task == "causal":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            token_losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                                  reduction="none")[labels.flatten() != -100])
+    expected = torch.cat(token_losses).mean().item()
+    assert by[1] == pytest.approx(expected, rel=1e-5)
+    assert by[3] == pytest.approx(expected, rel=1e-5) and by[7] == pytest.approx(expected, rel=1e-5)

@@ -56,7 +56,9 @@ def test_counts_outputs_loss_and_gradients_equal_peft(preset):
     batch = batch_for(ours, tokenizer)
     out_ours, out_theirs = ours(**batch), theirs(**batch)
     torch.testing.assert_close(out_ours.logits, their_logits(theirs, preset, batch), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, atol=1e-6, rtol=0)
+    # a mean of ~7.7: float32 ulps are 5e-7 there, and the two means differ by up to 3 of them depending on
+    # what ran before in the process (equal when run alone; 1.4e-6 apart after test_eval and test_train)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, atol=1e-6, rtol=1e-6)
     out_ours.loss.backward()
     out_theirs.loss.backward()
     torch.testing.assert_close(ours.peftlab_prompt.prompts["default"].grad,

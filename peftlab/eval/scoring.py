@@ -8,21 +8,23 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from peftlab.train.distributed import loss_units
 from peftlab.train.loss import lm_loss, supports_chunked_loss
 
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
           on_batch: Callable[[], None] | None = None) -> dict[str, float]:
-    """Mean loss (weighted by batch size), perplexity for LMs, accuracy for classification; `on_batch()` is
-    called after each batch (progress)."""
+    """Mean loss over every labelled token (LMs) or example (classification), the same however the data is
+    batched; perplexity for LMs, accuracy for classification; `on_batch()` is called after each batch."""
     was_training = model.training
     model.eval()
-    loss_sum, examples, correct, classification = 0.0, 0, 0, False
+    loss_sum, units, examples, correct, classification = 0.0, 0, 0, 0, False
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = batch["input_ids"].shape[0]
-        examples += n
+        n = loss_units(batch, causal=not model.config.is_encoder_decoder)  # what the batch's loss averages over
+        units += n
+        examples += batch["input_ids"].shape[0]
         if batch["labels"].dim() == 2 and supports_chunked_loss(model):  # no batch x length x vocab logits
             loss_sum += float(lm_loss(model, batch)) * n
         else:
@@ -34,7 +36,7 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: 
         if on_batch:
             on_batch()
     model.train(was_training)
-    metrics = {"eval_loss": loss_sum / max(examples, 1)}
+    metrics = {"eval_loss": loss_sum / max(units, 1)}
     if classification:
         metrics["eval_accuracy"] = correct / max(examples, 1)
     else:
