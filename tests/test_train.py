@@ -437,3 +437,17 @@ def test_packing_joins_whole_texts_with_eos_into_full_blocks(tmp_path):
     loaded = peftlab.eval.runs.load_run(result.output)
     metrics = evaluate(loaded, result.output, EvalOptions(output=str(tmp_path / "ev"), batch_size=64), show=False)
     assert metrics["adapter"]["loss"] == pytest.approx(result.eval_after["eval_loss"], rel=1e-6)
+
+
+def test_column_names_name_a_headerless_tsv_and_are_refused_for_jsonl(tmp_path):
+    from peftlab.data.loading import load_table
+    rows = [(f"text {i}", "pos" if i % 2 else "neg") for i in range(6)]
+    (tmp_path / "d.tsv").write_text("".join(f"{t}\t{label}\n" for t, label in rows))
+    table = load_table(str(tmp_path / "d.tsv"), column_names=["text", "label"])
+    assert list(zip(table["text"], table["label"], strict=True)) == rows  # the first row is data, not a header
+    result = run(tmp_path, "cls", {"model.name": "random:bert-tiny", "run.max_steps": 1, "data.train":
+                                   str(tmp_path / "d.tsv"), "data.column_names": "text,label"})
+    assert load_config(result.output / "config.yaml").data.column_names == ["text", "label"]
+    write_jsonl([{"text": "x", "label": "pos"}], tmp_path / "d.jsonl")
+    with pytest.raises(peftlab.PeftlabError, match="d.jsonl is jsonl, whose rows name their own: drop column_names"):
+        load_table(str(tmp_path / "d.jsonl"), column_names=["text", "label"])

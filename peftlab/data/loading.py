@@ -15,8 +15,9 @@ datasets.disable_progress_bars()  # one bar per run is ours; tiny local files ne
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-def load_table(source: str, split: str = "train") -> datasets.Dataset:
-    """A `datasets.Dataset` from a local file or a hub id (`name` or `name:split`)."""
+def load_table(source: str, split: str = "train", column_names: list[str] | None = None) -> datasets.Dataset:
+    """A `datasets.Dataset` from a local file or a hub id (`name` or `name:split`); `column_names` names the
+    columns of a CSV/TSV file that has no header row."""
     path = Path(source)
     if path.suffix in BUILDERS or path.exists():
         if not path.is_file():
@@ -29,6 +30,11 @@ def load_table(source: str, split: str = "train") -> datasets.Dataset:
         # A TSV field holds any character but tab and newline, quotes included ('"Yes," she said'): GLUE's
         # files are read so, while CSV quoting would eat those quotes and change the text
         extra = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
+        if column_names:
+            if builder != "csv":
+                raise PeftlabError(f"data.column_names names the columns of a CSV/TSV file without a header row; "
+                                   f"{source} is {path.suffix[1:]}, whose rows name their own: drop column_names")
+            extra["column_names"] = list(column_names)
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
         except Exception as e:  # datasets raises many types for a malformed file

@@ -43,12 +43,12 @@ def _data_settings(run: LoadedRun) -> DataSection:
 def _rows(run: LoadedRun, options: EvalOptions) -> list[dict]:
     settings = _data_settings(run)
     if options.data:
-        table = load_table(options.data)
+        table = load_table(options.data, column_names=settings.column_names)
         source = options.data
     elif run.config and (settings.validation or settings.train):
         _check_run_data(settings)
         if settings.validation:
-            table, source = load_table(settings.validation), settings.validation
+            table, source = load_table(settings.validation, column_names=settings.column_names), settings.validation
         else:
             from peftlab.train.setup import read_tables
 

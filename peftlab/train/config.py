@@ -28,6 +28,7 @@ class DataSection:
     train: str | None = None  # jsonl/json/csv/tsv/parquet file, or a hub dataset id
     validation: str | None = None  # default: hold out validation_fraction of train
     validation_fraction: float = 0.1
+    column_names: list[str] | None = None  # a CSV/TSV without a header row: its columns' names, in order
     input_column: str = "text"
     target_column: str | None = "label"  # the label column for classification
     template: str | None = None  # e.g. "summarize: {dialogue}"

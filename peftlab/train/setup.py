@@ -121,10 +121,10 @@ def read_tables(cfg: TrainConfig):
     """Train and validation tables, checked for the needed columns; validation held out if not given."""
     d = cfg.data
     formatter_columns = required_columns(d.template, d.input_column, d.target_column, d.pair_column)
-    table = load_table(d.train)
+    table = load_table(d.train, column_names=d.column_names)
     require_columns(table, formatter_columns, d.train)
     if d.validation:
-        validation = load_table(d.validation, split="validation")
+        validation = load_table(d.validation, split="validation", column_names=d.column_names)
         require_columns(validation, formatter_columns, d.validation)
         return table, validation
     if len(table) < 2:
