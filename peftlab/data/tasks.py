@@ -92,7 +92,7 @@ class Formatter:
         """input_ids (and for a pair, the tokenizer's token_type_ids), cut to `limit` tokens from `side`;
         a pair is cut from its longer text first."""
         # limit + 1 tells a text that fits from one that does not, without transformers' warning about
-        # sequences longer than the model's maximum (the warning below counts what was cut)
+        # sequences longer than the model's maximum (training warns with its own count of what was cut)
         encoded = self.tokenizer(text, pair, add_special_tokens=special, truncation=True, max_length=limit + 1)
         if len(encoded["input_ids"]) > limit:
             self.truncated += 1
