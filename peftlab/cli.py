@@ -248,8 +248,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     rows = _file_rows(args)
     run = load_run(args.p, args.model)
-    template = run.config.data.template if run.config else None
-    texts = _prompts(rows, template, args.file) if rows is not None else list(args.inputs)
+    data = run.config.data if run.config else None
+    texts = _prompts(rows, data and data.template, args.file) if rows is not None else list(args.inputs)
+    # as eval generates: prompts cut where the run's training cut them
+    max_source_length = args.max_source_length or (data.max_source_length if data else 512)
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -265,7 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         context = contextlib.nullcontext()
     with context:
         outputs = generate(run.model, run.tokenizer, texts, run.task, args.batch_size, args.max_new_tokens,
-                           args.num_beams)
+                           args.num_beams, max_source_length)
     for text, output in zip(texts, outputs, strict=True):
         print(json.dumps({"input": text, "output": output}) if args.file else output)
     return 0
@@ -338,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load another adapter on the same base (repeatable)")
     p.add_argument("--use", help="the adapter to run (default: the last loaded); '__base__' for none")
+    p.add_argument("--max-source-length", type=positive_int,
+                   help="prompt tokens kept (default: the run's data.max_source_length, as eval; causal prompts keep "
+                        "their end)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=1)

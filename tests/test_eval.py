@@ -339,3 +339,16 @@ def test_eval_loss_is_the_mean_over_all_labelled_tokens_however_batched(preset):
     expected = torch.cat(token_losses).mean().item()
     assert by[1] == pytest.approx(expected, rel=1e-5)
     assert by[3] == pytest.approx(expected, rel=1e-5) and by[7] == pytest.approx(expected, rel=1e-5)
+
+
+def test_cli_generate_cuts_prompts_where_the_run_was_trained_to(tmp_path, capsys):
+    output = run(tmp_path, "short", {"model.name": "random:llama-tiny", "run.max_steps": 2,
+                                     "data.max_source_length": 12, **TASKS["llama-tiny"]}).output
+    prompt = "Q: a prompt longer than twelve byte tokens A:"
+
+    def generated(*args):
+        capsys.readouterr()
+        assert main(["generate", "-p", str(output), "--max-new-tokens", "4", *args]) == 0
+        return capsys.readouterr().out.splitlines()[-1]
+    assert generated(prompt) == generated(prompt[-11:])  # BOS and the last 11 characters
+    assert generated(prompt, "--max-source-length", "64") != generated(prompt[-11:])
