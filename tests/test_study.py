@@ -110,11 +110,14 @@ def test_pick_names_the_leanest_run_within_the_tolerance_of_the_best():
     assert "Pick b " in pick(tie)  # equal parameters: less memory
     assert pick([losses[0], accuracies[1]]) is None  # no common metric to compare
     assert pick(losses[:1]) is None
+    other_data = [{**r, "model": "random:t5-tiny", "data": f"d{i}.jsonl"} for i, r in enumerate(accuracies)]
+    assert pick(other_data).startswith("No pick: these runs train different models or data")
 
 
 def test_summary_says_which_to_pick(swept):
     directory, rows, _ = swept
-    assert pick(rows) in (directory / "summary.md").read_text()
+    assert {(r["model"], r["data"]) for r in rows} == {("random:t5-tiny", str(directory.parent / "data.jsonl"))}
+    assert pick(rows).startswith(("Pick ", "Best ")) and pick(rows) in (directory / "summary.md").read_text()
 
 
 def test_report_without_runs_is_one_line_error(tmp_path, capsys):

@@ -29,7 +29,7 @@ ALIASES = {"method": "method.name", "rank": "method.r"}
 DERIVED = re.compile(r"^(\d*\.?\d*)\s*\*?\s*([A-Za-z_][\w.]*)$")  # 2r, 0.5*r, r
 PICK_TOLERANCE = 0.01  # a run this close (relative) to the best evaluation counts as just as good
 SUMMARY_COLUMNS = ["point", "method", "r", "alpha", "trainable_params", "trainable_pct", "peak_memory_mb",
-                   "step_time_s", "tokens_per_s", "final_loss", "eval_metric", "eval_value"]
+                   "step_time_s", "tokens_per_s", "final_loss", "eval_metric", "eval_value", "model", "data"]
 
 
 def resolve_key(key: str) -> str:
@@ -156,7 +156,8 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
             "step_time_s": round(statistics.median(r["step_time_s"] for r in logs), 4),
             "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in logs), 1),
             "final_loss": round(logs[-1]["loss"], 4), "eval_metric": metric or "",
-            "eval_value": round(results["eval_after"][metric], 4) if metric else ""}
+            "eval_value": round(results["eval_after"][metric], 4) if metric else "",
+            "model": config["model"]["name"], "data": config["data"]["train"]}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -165,10 +166,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def pick(rows: list[dict[str, Any]], tolerance: float = PICK_TOLERANCE) -> str | None:
     """Which setting to pick: the best evaluation, and the run with the fewest trainable parameters (then the
-    least memory) whose evaluation is within `tolerance` (relative) of it. None without comparable evaluations."""
+    least memory) whose evaluation is within `tolerance` (relative) of it. None without a common metric; a "no
+    pick" line for runs of different models or data."""
     metrics = {r["eval_metric"] for r in rows}
     if len(rows) < 2 or len(metrics) != 1 or any(r["eval_value"] == "" for r in rows):
         return None
+    if len({(r.get("model"), r.get("data")) for r in rows}) > 1:
+        return ("No pick: these runs train different models or data, so their evaluations do not compare; "
+                "report the runs of one model on one dataset together.")
     metric = metrics.pop()
     sign = -1 if metric == "eval_loss" else 1  # loss: lower is better; accuracy: higher
     best = max(rows, key=lambda r: sign * r["eval_value"])
