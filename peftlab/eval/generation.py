@@ -23,10 +23,11 @@ def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, bat
                            "`peftlab eval -p CKPT` (its predictions.jsonl holds the predicted labels)")
     device = next(model.parameters()).device
     outputs: list[str] = []
-    tokenizer.padding_side = "left" if task == "causal" else "right"  # causal prompts must end where output starts
+    side = "left" if task == "causal" else "right"  # a causal prompt ends where the output starts, and keeps its end
+    tokenizer.padding_side = side
     for start in range(0, len(sources), batch_size):
         chunk = list(sources[start:start + batch_size])
-        with truncation_side(tokenizer, "left" if task == "causal" else "right"):  # a prompt keeps its end
+        with truncation_side(tokenizer, side):
             batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_source_length,
                               return_tensors="pt").to(device)
         generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,

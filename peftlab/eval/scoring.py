@@ -19,12 +19,11 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: 
     batched; perplexity for LMs, accuracy for classification; `on_batch()` is called after each batch."""
     was_training = model.training
     model.eval()
-    loss_sum, units, examples, correct, classification = 0.0, 0, 0, 0, False
+    loss_sum, units, correct, classification = 0.0, 0, 0, False
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = loss_units(batch, causal=not model.config.is_encoder_decoder)  # what the batch's loss averages over
+        n = loss_units(batch, causal=not model.config.is_encoder_decoder)  # tokens, or examples for classification
         units += n
-        examples += batch["input_ids"].shape[0]
         if batch["labels"].dim() == 2 and supports_chunked_loss(model):  # no batch x length x vocab logits
             loss_sum += float(lm_loss(model, batch)) * n
         else:
@@ -38,7 +37,7 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: 
     model.train(was_training)
     metrics = {"eval_loss": loss_sum / max(units, 1)}
     if classification:
-        metrics["eval_accuracy"] = correct / max(examples, 1)
+        metrics["eval_accuracy"] = correct / max(units, 1)
     else:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics

@@ -100,10 +100,10 @@ def sweep(config: str | None, grids: list[str], output: str | Path, overrides: l
     points = grid.points()
     for point in points:
         load_config(config, {**fixed, **point}).validate()
-    out = Path(output)
-    check_same_sweep(out, base.to_dict())
+    out, settings = Path(output), base.to_dict()
+    check_same_sweep(out, settings)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "sweep.json", json.dumps({"config": base.to_dict(), "grid": grids, "points": points}, indent=2))
+    write_text(out / "sweep.json", json.dumps({"config": settings, "grid": grids, "points": points}, indent=2))
     for i, point in enumerate(points, 1):
         run_point(config, point, out, overrides, f"[{i}/{len(points)}] ")
     rows = [summary_row(out / point_name(p)) for p in points]
