@@ -13,22 +13,24 @@ from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerFF,
 
 from peftlab import apply, load_model
 from peftlab.methods import build_config
-from peftlab.train import recompute
+from peftlab.train import products, recompute
 from peftlab.train.lean import NUMPY_MASK_MIN, make_lean, rms_norm
 from peftlab.train.loss import lm_loss
 from peftlab.train.recompute import recomputing
 
 
-def lean_model(method: str | None, preset: str = "t5-tiny", linear: bool = False, dropout: float = 0.1):
+def lean_model(method: str | None, preset: str = "t5-tiny", linear: bool = False, dropout: float = 0.1,
+               onednn: bool = False):
     """A lean model with its dropout on (LoRA's too), or with every weight training; `linear`: its linear
-    layers' outputs recomputable too (`run.recompute_linear`)."""
+    layers' outputs recomputable too (`run.recompute_linear`); `onednn`: their products by oneDNN inside
+    `products.linear_backend(True)`."""
     torch.manual_seed(0)
     model, _ = load_model(f"random:{preset}")
     if method:
         apply(model, build_config(method, model_type=model.config.model_type, dropout=dropout))
     else:
         model.requires_grad_(True)
-    make_lean(model, linear=linear)
+    make_lean(model, linear=linear, onednn=onednn)
     return model.train()
 
 
@@ -64,6 +66,27 @@ def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(preset, metho
     # under autocast a training linear layer keeps its own bf16 copy of its input: nothing of ours to rebuild
     # but the linear layers' outputs, where those are recomputable
     assert any(recomputed) != (bf16 and method is None and not linear)
+    assert torch.equal(loss_again, loss)
+    assert grads.keys() == grads_again.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.equal(grads_again[name], grad), name
+
+
+@pytest.mark.skipif(not products.onednn_available(), reason="needs an x86 CPU and torch with oneDNN")
+@pytest.mark.parametrize("method", ["lora", None])
+def test_linear_outputs_made_by_onednn_are_recomputed_by_it_bit_for_bit(monkeypatch, method):
+    """A recomputed q, k, v, gate or up is rebuilt by the product that made it (`run.linear_backend` with
+    `run.recompute_linear`), so the gradients stay bit for bit."""
+    calls = []
+    through = products._onednn_mm_t
+    monkeypatch.setattr(products, "_onednn_mm_t", lambda *a: calls.append(1) or through(*a))
+    model = lean_model(method, linear=True, onednn=True)
+    batch = {"input_ids": torch.randint(2, 500, (3, 12)), "labels": torch.randint(2, 500, (3, 6))}
+    with products.linear_backend(True):
+        loss, grads = loss_and_grads(model, batch, contextlib.nullcontext())
+        kept_calls = len(calls)
+        loss_again, grads_again = loss_and_grads(model, batch, recomputing())
+    assert kept_calls > 0 and len(calls) > 2 * kept_calls  # the recomputed outputs: products again
     assert torch.equal(loss_again, loss)
     assert grads.keys() == grads_again.keys() and len(grads) > 0
     for name, grad in grads.items():

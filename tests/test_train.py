@@ -13,7 +13,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 import peftlab
 import peftlab.eval.runs
 from peftlab.data.synth import generate, write_jsonl
-from peftlab.train import lean, loop
+from peftlab.train import lean, loop, products
 from peftlab.train.config import load_config
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.state import interrupted_hint
@@ -277,6 +277,24 @@ def test_recompute_linear_trains_bit_for_bit_as_without(tmp_path, capsys):
     assert [(r["loss"], r["grad_norm"]) for r in recomputed.logs] == [(r["loss"], r["grad_norm"]) for r in kept.logs]
     ours, theirs = (load_file(r.output / "adapter_model.safetensors") for r in (recomputed, kept))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.skipif(not products.onednn_available(), reason="needs an x86 CPU and torch with oneDNN")
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_linear_backend_reaches_the_model_and_keeps_the_math(tmp_path, capsys, method):
+    """`run.linear_backend=onednn` switches the linear layers and their products (the line says so), and trains
+    to torch's logged losses and gradient norms, with the products' sums in another order."""
+    common = {"model.name": "random:t5-tiny", "method.name": method, "run.max_steps": 3, "run.logging_steps": 1,
+              "model.overrides": {"dropout_rate": 0.0}, "method.dropout": 0.0, "optim.lr": 1e-3, **TASKS["t5-tiny"]}
+    by_torch = run(tmp_path, "torch", {**common, "run.linear_backend": "torch"})
+    printed = capsys.readouterr().out
+    assert "Linear products: torch (run.linear_backend=torch)" in printed and "oneDNN products" not in printed
+    by_onednn = run(tmp_path, "onednn", {**common, "run.linear_backend": "onednn"})
+    printed = capsys.readouterr().out
+    assert "Linear products: oneDNN (run.linear_backend=onednn)" in printed and "linear (oneDNN products) x" in printed
+    for ours, theirs in zip(by_onednn.logs, by_torch.logs, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
 
 
 def test_sparse_embedding_gradients_train_as_dense_ones(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import yaml
 
 from peftlab.errors import PeftlabError, first_line
 from peftlab.methods import METHODS
+from peftlab.train.products import BACKENDS
 
 
 @dataclass
@@ -88,6 +89,9 @@ class RunSection:
     lean_kernels: bool = True  # cheaper dropout masks, fused GELU/attention saving less (same math; train/lean.py)
     redraw_masks: bool = False  # dropout masks drawn again in backward, not kept (less memory, slower; recompute.py)
     recompute_linear: bool = False  # T5's q, k, v, gate and up recomputed in backward (less memory, slower; lean.py)
+    # auto | torch | onednn: fp32 CPU linear products (auto: oneDNN on x86 CPUs not made by Intel, where MKL is
+    # slower; same math, train/products.py)
+    linear_backend: str = "auto"
     resume: str | None = None  # a checkpoint dir, or "latest"
     distributed: str = "ddp"  # ddp | fsdp: how several processes (torchrun, --nproc) share the work
     overwrite: bool = False
@@ -135,6 +139,10 @@ class TrainConfig:
             (self.run.distributed in ("ddp", "fsdp"), "run.distributed must be ddp or fsdp"),
             (self.run.lean_kernels or not self.run.recompute_linear,
              "run.recompute_linear recomputes what the lean kernels mark: set run.lean_kernels=true or turn it off"),
+            (self.run.linear_backend in BACKENDS, f"run.linear_backend must be one of {', '.join(BACKENDS)}"),
+            (self.run.lean_kernels or self.run.linear_backend != "onednn",
+             "run.linear_backend=onednn routes the lean kernels' linear layers: set run.lean_kernels=true, or "
+             "linear_backend to auto or torch"),
             (self.method.name in METHOD_NAMES, f"method.name must be one of {', '.join(METHOD_NAMES)}"),
             (self.model.task in (None, "seq2seq", "causal", "classification"),
              "model.task must be seq2seq, causal or classification"),

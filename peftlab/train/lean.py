@@ -28,6 +28,9 @@ Their outputs that are cheap to rebuild from what backward keeps anyway are mark
 (`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
 hands to q, k, v (or to LoRA) and to the feed-forward, T5's dropout(GELU(gate) * up) that a training `wo`
 keeps for its weight gradient; with `run.redraw_masks`, every dropout mask drawn by numpy (from its seed).
+Where `run.linear_backend` takes oneDNN (`make_lean(onednn=True)`; AMD CPUs), every `nn.Linear` computes
+its output and its input's gradient through it (`peftlab/train/products.py`).
+
 With `run.recompute_linear` (`make_lean(linear=True)`) every `nn.Linear` whose input is marked marks its
 output too, and so do LoRA's layers, so what attention keeps of q, k and v and what T5's feed-forward keeps
 of gate and up are recomputed in backward from the normalised x: a matrix product again for each, for less
@@ -58,6 +61,7 @@ from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoder
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 
+from peftlab.train import products
 from peftlab.train.recompute import is_recomputable, recomputable, redraws_masks
 
 LEAN_ATTENTION = "peftlab_lean"
@@ -174,13 +178,21 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 class LeanLinear(nn.Linear):
-    """nn.Linear whose output, when its input is `recomputable` and autograd records, is marked recomputable
+    """nn.Linear through `products.linear`: oneDNN's products where `run.linear_backend` takes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return products.linear(x, self.weight, self.bias)
+
+
+class RecomputedLinear(LeanLinear):
+    """LeanLinear whose output, when its input is `recomputable` and autograd records, is marked recomputable
     from the input and the weights (`make_lean(linear=True)`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = products.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and is_recomputable(x):
-            recomputable(out, F.linear, (x, self.weight) if self.bias is None else (x, self.weight, self.bias))
+            args = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
+            recomputable(out, products.linear, args)
         return out
 
 
@@ -477,12 +489,15 @@ def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor
     return norm
 
 
-def make_lean(model: nn.Module, attention: bool = True, linear: bool = False) -> list[str]:
+def make_lean(model: nn.Module, attention: bool = True, linear: bool = False, onednn: bool = False) -> list[str]:
     """Switch `model`'s modules to the lean versions above, in place; returns a line per kind switched.
-    `attention=False` keeps the model's own attention; `linear=True` switches `nn.Linear` to `LeanLinear`
-    (`run.recompute_linear`: their outputs recomputed in backward)."""
+    `attention=False` keeps the model's own attention; `linear=True` switches `nn.Linear` to `RecomputedLinear`
+    (`run.recompute_linear`: their outputs recomputed in backward), `onednn=True` to `LeanLinear` (products
+    by oneDNN inside `products.linear_backend(True)`; a RecomputedLinear's are too)."""
     switched: Counter[str] = Counter()
-    modules = LEAN_MODULES | ({nn.Linear: (LeanLinear, "linear (recomputed in backward)")} if linear else {})
+    linears = ({nn.Linear: (RecomputedLinear, "linear (recomputed in backward)")} if linear
+               else {nn.Linear: (LeanLinear, "linear (oneDNN products)")} if onednn else {})
+    modules = LEAN_MODULES | linears
     for module in model.modules():
         lean, kind = modules.get(type(module), (None, None))
         if lean is LeanT5GatedFF and not isinstance(module.act, NewGELUActivation):

@@ -23,7 +23,7 @@ from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, load_model, resolve_task
-from peftlab.train import distributed, setup
+from peftlab.train import distributed, products, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
 def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
     baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
     out = setup.prepare_output(cfg, create=False)  # only checked: bad data or config below leave it as it was
+    onednn = device.type == "cpu" and cfg.run.lean_kernels and products.wants_onednn(cfg.run.linear_backend)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     setup.absolute_local_paths(cfg)  # eval -p rebuilds the base and the held-out split from any directory
@@ -130,7 +131,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
         torch.manual_seed(cfg.run.seed)  # load_model seeded the preset's weights: the run's own draws follow run.seed
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
-    lean = make_lean(model, linear=cfg.run.recompute_linear) if cfg.run.lean_kernels else []
+    lean = make_lean(model, linear=cfg.run.recompute_linear, onednn=onednn) if cfg.run.lean_kernels else []
     if cfg.run.gradient_checkpointing:
         # transformers 5.x renamed it; the old name warns and goes in v6
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -152,7 +153,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
-    return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb, resumed)
+    print(f"Linear products: {'oneDNN' if onednn else 'torch'} (run.linear_backend={cfg.run.linear_backend})")
+    with products.linear_backend(onednn):
+        return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb, resumed)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, sharded: bool = False):
