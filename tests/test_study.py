@@ -67,6 +67,11 @@ def test_sweep_resumes_without_rerunning_finished_points(swept, capsys):
                                            "points would be reused"):
         sweep(None, ["r=2,4", "alpha=2r"], directory, [*fixed, "run.max_steps=6"])
     assert (directory / "sweep.json").read_bytes() == sweep_json
+    older = json.loads(sweep_json)  # as saved by a version without run.linear_backend: it ran as the default
+    del older["config"]["run"]["linear_backend"]
+    (directory / "sweep.json").write_text(json.dumps(older))
+    assert sweep(None, ["r=2,4", "alpha=2r"], directory, fixed) == rows
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2
 
 
 def test_report_files_and_figures(swept, tmp_path):

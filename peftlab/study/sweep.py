@@ -23,7 +23,7 @@ import yaml
 
 from peftlab.errors import PeftlabError
 from peftlab.io import write_text
-from peftlab.train.config import changed_settings, full_key, load_config
+from peftlab.train.config import TrainConfig, changed_settings, full_key, load_config
 
 ALIASES = {"method": "method.name", "rank": "method.r"}
 DERIVED = re.compile(r"^(\d*\.?\d*)\s*\*?\s*([A-Za-z_][\w.]*)$")  # 2r, 0.5*r, r
@@ -120,6 +120,8 @@ def check_same_sweep(out: Path, settings: dict[str, dict]) -> None:
         return
     except (ValueError, KeyError) as e:
         raise PeftlabError(f"{out / 'sweep.json'} cannot be read ({e}): use another --output") from None
+    defaults = TrainConfig().to_dict()  # a setting newer than the saved sweep: it ran as its default then
+    saved = {section: {**defaults.get(section, {}), **values} for section, values in saved.items()}
     if changed := changed_settings(saved, settings, list(settings)):
         raise PeftlabError(f"{out} holds a sweep of other settings ({'; '.join(changed)}): its finished points "
                            f"would be reused as they are; use another --output, or delete {out} to run it anew")
