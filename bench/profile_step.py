@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import update_section  # noqa: E402
 from run import SOURCE_TOKENS, TARGET_TOKENS, cpu_model, cpu_vendor, make_data  # noqa: E402
 
-MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "mkldnn::_linear_pointwise")
 GRADIENT_COLUMN = 6  # torch's memory timeline export: [0, parameter, optimizer state, input, temporary,
 #                      activation, gradient, autograd detail, unknown] bytes at each time
 
@@ -34,17 +34,20 @@ GRADIENT_COLUMN = 6  # torch's memory timeline export: [0, parameter, optimizer 
 @dataclass
 class Step:
     """One peftlab training step (forward, backward, clipping to norm 1.0, fused AdamW) on random:flan-t5-small,
-    as `peftlab train` runs it (lean kernels, model dropout, LoRA dropout 0.05)."""
+    as `peftlab train` runs it (lean kernels, model dropout, LoRA dropout 0.05, the linear products that
+    run.linear_backend=auto takes here)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batch: dict[str, torch.Tensor]
+    onednn: bool
 
     def __call__(self) -> None:
         from peftlab.train.lean import clipped_step, sparse_embedding_gradients
         from peftlab.train.loss import training_loss
+        from peftlab.train.products import linear_backend
 
-        with sparse_embedding_gradients(self.model):
+        with linear_backend(self.onednn), sparse_embedding_gradients(self.model):
             training_loss(self.model)(self.model, self.batch).backward()
         clipped_step(self.optimizer, [p for p in self.model.parameters() if p.requires_grad], 1.0)
 
@@ -55,11 +58,13 @@ def build_step(method: str, batch_size: int) -> Step:
     from peftlab.methods.inject import apply
     from peftlab.models import load_model
     from peftlab.train.lean import make_lean
+    from peftlab.train.products import wants_onednn
 
     model, tokenizer = load_model("random:flan-t5-small")
     if method == "lora":
         apply(model, LoraConfig(r=8, alpha=16, targets=["q", "v"], dropout=0.05))
-    make_lean(model)
+    onednn = wants_onednn("auto")
+    make_lean(model, onednn=onednn)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +73,7 @@ def build_step(method: str, batch_size: int) -> Step:
         rows = [json.loads(line) for line in data.read_text().splitlines()]
     examples = [{"input_ids": tokenizer(r["source"])["input_ids"], "labels": tokenizer(r["target"])["input_ids"]}
                 for r in rows]
-    return Step(model, optimizer, collate(examples, tokenizer.pad_token_id))
+    return Step(model, optimizer, collate(examples, tokenizer.pad_token_id), onednn)
 
 
 def memory_at_peak(step: Step) -> str:

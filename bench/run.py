@@ -11,8 +11,9 @@ same hyperparameters, fp32, dropout as in the model (T5 0.1, LoRA 0.05). Achieve
 model's own FLOPs (torch's FlopCounterMode on the stock model, the same for both tools), not what either
 tool spends. The loss-trajectory check trains both tools with dropout off on the same 8 rows (every step
 sees all of them, so sampling order cannot matter) and compares the logged losses. peftlab runs on the
-allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed), peft + Trainer on the
-system's; extra rows give peft the same allocator, and then also a process-wide flush of subnormal numbers
+allocator `peftlab train` preloads (tcmalloc, else jemalloc, where installed) and with the linear products its
+run.linear_backend=auto takes (oneDNN on x86 CPUs not made by Intel), peft + Trainer on the system's; extra
+rows give peft the same allocator, and then also a process-wide flush of subnormal numbers
 (on Intel CPUs the random-init model's softmax makes peft's LM-head backward multiply subnormals, which
 peftlab's loss flushes). Writes bench/RESULTS.md.
 """
@@ -190,7 +191,10 @@ def child(args: argparse.Namespace) -> None:
 
         step = build_step(args.method, args.batch)
         prof = profiled(step, steps=1)  # AdamW's state exists from here on
-        kept, _ = saved_for_backward(step.model, step.batch, training_loss(step.model))
+        from peftlab.train.products import linear_backend
+
+        with linear_backend(step.onednn):
+            kept, _ = saved_for_backward(step.model, step.batch, training_loss(step.model))
         print("RESULT " + json.dumps({"matmul_s": matmul_seconds_per_step(prof, steps=1), "kept_mb": kept / 2**20,
                                       "weights_mb": weight_bytes(step.model) / 2**20,
                                       "optimizer_mb": optimizer_bytes(step.optimizer) / 2**20}))
@@ -390,17 +394,26 @@ def section_heading(repeats: int) -> str:
     return main if repeats == 1 else f"{main}, {repeats} interleaved pairs"
 
 
+def linear_products() -> str:
+    """What `run.linear_backend=auto` (peftlab's default, the bench's) takes on this machine."""
+    from peftlab.train.products import wants_onednn
+
+    return ("oneDNN's (run.linear_backend=auto on a CPU not made by Intel; weight gradients by torch's mm)"
+            if wants_onednn("auto") else "torch's mm (run.linear_backend=auto on an Intel CPU), as peft's")
+
+
 def write_results(path: Path, rows, trajectories, same_allocator, peaks: tuple[float, float], slowdown: float,
                   flops: dict, args) -> None:
-    peak, onednn_peak = peaks
+    mkl_peak, onednn_peak = peaks
+    peak = max(peaks)  # the machine's best fp32 GEMM: peftlab's products run on oneDNN where it is the faster
     command = (f"python bench/run.py --methods {args.methods} --batches {args.batches} --steps {args.steps} "
                f"--trajectory-steps {args.trajectory_steps}" + (f" --repeats {args.repeats}" if args.repeats > 1
                                                                 else ""))
     is_make_bench = all(getattr(args, name) == value for name, value in DEFAULTS.items())
     lines = [f"Reproduce: `{command}`" + (" (or `make bench`)" if is_make_bench else "") + f". Machine: {versions()}. "
-             f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s (torch's mm: MKL; the same product by "
-             f"oneDNN: {onednn_peak:.0f} GFLOP/s); a product with a subnormal "
-             f"factor: x{slowdown:.0f} slower (peftlab's loss flushes its softmax's subnormals; peft's "
+             f"fp32 matmul peak measured in the same run: {peak:.0f} GFLOP/s, the faster of torch's mm (MKL: "
+             f"{mkl_peak:.0f} GFLOP/s) and the same product by oneDNN ({onednn_peak:.0f} GFLOP/s); a product with "
+             f"a subnormal factor: x{slowdown:.0f} slower (peftlab's loss flushes its softmax's subnormals; peft's "
              "backward multiplies them: see the rows with peft flushed too).",
              f"Model `random:flan-t5-small`, {SOURCE_TOKENS} source + {TARGET_TOKENS} target tokens, LoRA r=8 "
              f"alpha=16 on q,v (dropout 0.05), T5 dropout 0.1, AdamW, fp32. Median of steps 2..{args.steps}"
@@ -408,7 +421,8 @@ def write_results(path: Path, rows, trajectories, same_allocator, peaks: tuple[f
                 "the pairs in brackets)" if args.repeats > 1 else "") + "; "
              f"peak RSS of the whole process. Allocator: peftlab {rows[0][2]['allocator']} (what `peftlab train` "
              f"preloads here, PEFTLAB_ALLOCATOR), peft + Trainer {rows[0][3]['allocator']} (as its users run "
-             "it); the rows after the table give peft the same allocator.", "",
+             "it); the rows after the table give peft the same allocator. peftlab's linear products: "
+             f"{linear_products()}.", "",
              "| method | batch | peftlab s/step | peft s/step | time ratio | peftlab tok/s | peft tok/s "
              "| peftlab GFLOP/s (% of peak) | peft GFLOP/s (% of peak) "
              "| peftlab peak RSS MB | peft peak RSS MB | memory ratio |",
