@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
 import peftlab.train.loss as loss_module
+from peftlab.train import products
 from peftlab.train.loss import (
     chunked_cross_entropy,
     flush_subnormal_,
@@ -21,8 +22,14 @@ from peftlab.train.loss import (
 )
 
 
+@pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not products.onednn_available(), reason="needs an x86 CPU and torch with oneDNN"))])
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_chunked_cross_entropy_equals_plain(chunk):
+def test_chunked_cross_entropy_equals_plain(monkeypatch, chunk, onednn):
+    """Also with its two products by oneDNN (`run.linear_backend`)."""
+    calls = []
+    through = products._onednn_mm_t
+    monkeypatch.setattr(products, "_onednn_mm_t", lambda *a: calls.append(1) or through(*a))
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 16, generator=generator, requires_grad=True)
     weight = torch.randn(50, 16, generator=generator, requires_grad=True)
@@ -30,7 +37,10 @@ def test_chunked_cross_entropy_equals_plain(chunk):
     labels[0, 5:] = -100
     plain = F.cross_entropy((hidden @ weight.T).view(-1, 50), labels.view(-1), ignore_index=-100)
     plain_grads = torch.autograd.grad(plain, (hidden, weight))
-    chunked = chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+    with products.linear_backend(onednn):
+        chunked = chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+    scored = int((labels != -100).sum())  # only labelled positions are scored
+    assert len(calls) == (2 * -(-scored // chunk) if onednn else 0)  # the logits and the hidden states' gradient
     chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
     torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
     for ours, reference in zip(chunked_grads, plain_grads, strict=True):

@@ -1,6 +1,6 @@
-"""oneDNN linear products (peftlab/train/products.py): the outputs and gradients of F.linear, of the plain LM
-loss and of peft's LoRA; the backend chosen by CPU vendor; autocast, other dtypes and empty inputs left to
-torch."""
+"""oneDNN linear products (peftlab/train/products.py): the outputs and gradients of F.linear and of peft's
+LoRA (the chunked loss's: test_loss.py); the backend chosen by CPU vendor; autocast, other dtypes and empty
+inputs left to torch."""
 
 import pytest
 import torch
@@ -11,7 +11,6 @@ from test_lora_parity import both
 from peftlab.errors import PeftlabError
 from peftlab.train import products
 from peftlab.train.lean import LeanLinear, make_lean
-from peftlab.train.loss import chunked_cross_entropy
 
 needs_onednn = pytest.mark.skipif(not products.onednn_available(), reason="needs an x86 CPU and torch with oneDNN")
 
@@ -76,28 +75,6 @@ def test_onednn_where_it_is_missing_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(products, "onednn_available", lambda: False)
     with pytest.raises(PeftlabError, match="linear_backend=onednn needs an x86 CPU.*use auto or torch"):
         products.wants_onednn("onednn")
-
-
-@needs_onednn
-@pytest.mark.parametrize("chunk", [7, 1000])
-def test_chunked_loss_through_onednn_equals_plain(monkeypatch, chunk):
-    calls = []
-    through = products._onednn_mm_t
-    monkeypatch.setattr(products, "_onednn_mm_t", lambda *a: calls.append(1) or through(*a))
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 16, generator=generator, requires_grad=True)
-    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 11), generator=generator)
-    labels[0, 5:] = -100
-    plain = F.cross_entropy((hidden @ weight.T).view(-1, 50), labels.view(-1), ignore_index=-100)
-    plain_grads = torch.autograd.grad(plain, (hidden, weight))
-    with products.linear_backend(True):
-        chunked = chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
-    scored = int((labels != -100).sum())  # only labelled positions are scored
-    assert len(calls) == 2 * -(-scored // chunk)  # the logits and the hidden states' gradient, every chunk
-    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
-    for ours, reference in zip(torch.autograd.grad(chunked, (hidden, weight)), plain_grads, strict=True):
-        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
 
 
 @needs_onednn
