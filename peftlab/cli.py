@@ -7,8 +7,16 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from peftlab.errors import PeftlabError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): what was wrong and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -20,6 +28,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def bounded_int(most: int):
+    """argparse type for a count from 1 to `most`."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {value:,}")
+        return value
+    return parse
 
 
 def template_text(text: str) -> str:
@@ -193,9 +211,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from peftlab.data.synth import generate, write_jsonl
+    from peftlab.data.synth import stream, write_jsonl
+    from peftlab.io import refuse_run_output
 
-    path = write_jsonl(generate(args.task, args.n, args.seed), args.output)
+    out = Path(args.output)
+    refuse_run_output(out, "-o")
+    if out.is_dir():
+        raise PeftlabError(f"-o {out} is a directory: name the jsonl file to write, e.g. {out / 'train.jsonl'}")
+    if out.exists() and not args.overwrite:
+        raise PeftlabError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
+    path = write_jsonl(stream(args.task, args.n, args.seed), out)
     print(f"wrote {args.n} {args.task} examples to {path}")
     return 0
 
@@ -237,6 +262,24 @@ def _prompts(rows: list[dict], template: str | None, source: str) -> list[str]:
     return [str(r[field]) for r in rows]
 
 
+def _last_loaded(model) -> str:
+    from peftlab.methods.inject import BASE_NAME
+
+    return next(reversed(getattr(model, "peftlab_adapters", {}) or {BASE_NAME: None}))
+
+
+def _row_adapters(rows: list[dict], default: str, source: str) -> list[str]:
+    """Each row's adapter: its 'adapter' field, or for a row without one the adapter --use names (else the last
+    loaded)."""
+    names = []
+    for number, row in enumerate(rows, 1):
+        name = row.get("adapter") or default
+        if not isinstance(name, str):
+            raise PeftlabError(f"{source} row {number}: 'adapter' must be an adapter's name, got {name!r}")
+        names.append(name)
+    return names
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import contextlib
     import json
@@ -259,8 +302,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_adapter(run.model, path, name)
     if args.use and args.use != BASE_NAME:
         set_active(run.model, args.use)
-    if rows is not None and "adapter" in rows[0]:
-        context = per_example_adapters(run.model, [r.get("adapter") or args.use for r in rows])
+    if rows is not None and any("adapter" in r for r in rows):
+        context = per_example_adapters(run.model, _row_adapters(rows, args.use or _last_loaded(run.model), args.file))
     elif args.use == BASE_NAME:
         context = adapters_disabled(run.model)
     else:
@@ -274,10 +317,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from peftlab.eval.export import export_merged
+    from peftlab.eval.export import check_merge_output, export_merged
     from peftlab.eval.runs import load_run
 
-    out = export_merged(load_run(args.p, args.model), args.o, args.overwrite)
+    check_merge_output(Path(args.o).absolute(), args.overwrite, Path(args.p))  # before the model is built
+    out = export_merged(load_run(args.p, args.model), args.o, args.overwrite, Path(args.p))
     print(f"merged model written to {out} (load it with transformers' AutoModel*.from_pretrained)")
     return 0
 
@@ -288,7 +332,7 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="peftlab", description="Parameter-efficient fine-tuning in plain PyTorch.",
         epilog="PEFTLAB_ALLOCATOR: auto (default on Linux: tcmalloc, else jemalloc, where installed), tcmalloc, "
                "jemalloc, system, or a library path; the command re-executes itself once with it preloaded (less "
@@ -407,11 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("synth", help="write a seeded synthetic dataset as jsonl")
     s.add_argument("--task", choices=["sentiment"], default="sentiment")
-    s.add_argument("-n", type=positive_int, default=1000, help="number of examples")
+    s.add_argument("-n", type=bounded_int(10**8), default=1000, help="number of examples (at most 100,000,000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True, help="jsonl file to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing file")
     s.set_defaults(run=cmd_data_synth)
     return parser
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -426,7 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = argv
         return args.run(args)
     except PeftlabError as e:
-        print(f"peftlab: error: {e}", file=sys.stderr)
+        print(f"peftlab: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or missing directory: what the user can fix, without a traceback
+        from peftlab.io import os_error_message
+
+        print(f"peftlab: error: {one_line(os_error_message(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.data.synth import generate, write_jsonl
+from peftlab.errors import PeftlabError
+from peftlab.io import refuse_run_output
 from peftlab.study.seed import trainable_lines
 from peftlab.train.config import load_config
 from peftlab.train.loop import train
@@ -17,8 +19,20 @@ def rank_table(model_name: str = "random:flan-t5-small") -> list[str]:
     return [f"r={r:<3} alpha={2 * r:<3} {line}" for r, line in trainable_lines(model_name).items()]
 
 
+def check_demo_output(out: Path) -> None:
+    """The demo replaces its own data/ and run/ in `out`, so `out` must hold nothing else (a directory of the
+    user's, or a training run, is refused)."""
+    refuse_run_output(out, "--output", may_hold_runs=True)
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--output {out} is a file, not a directory: choose another --output")
+    if other := sorted(p.name for p in (out.iterdir() if out.is_dir() else []) if p.name not in ("data", "run")):
+        raise PeftlabError(f"--output {out} holds {', '.join(other[:5])}, which the demo did not write: choose an "
+                           "empty or new --output")
+
+
 def run_demo(output: str | Path = "runs/demo", steps: int = 150) -> dict:
     out = Path(output)
+    check_demo_output(out)
     print("== The seed's LoRA rank table (flan-t5-small architecture, targets q,v, alpha = 2r)")
     for line in rank_table():
         print(line)

@@ -3,6 +3,8 @@ seeded random weights and an offline tokenizer), plus the packaged pretrained Mi
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -124,6 +126,19 @@ def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: i
     `overrides` sets model config fields (e.g. dropout rates) before the model is built."""
     if task is not None and task not in AUTO_CLASSES:
         raise PeftlabError(f"unknown task {task!r}: use one of {sorted(AUTO_CLASSES)}")
+    try:
+        return _load(name, task, num_labels, seed, overrides)
+    except ValueError as e:  # transformers: no such head for this architecture, or a config it cannot build
+        text = first_line(e)
+        if "Unrecognized configuration class" in text:
+            model_type = re.search(r"for this kind of AutoModel: (\w+)|class <class '[\w.]+\.(\w+)Config'>", text)
+            kind = next((g for g in (model_type.groups() if model_type else ()) if g), "this model")
+            raise PeftlabError(f"{name} ({kind}) has no {task} head: choose a --task it supports (its default is "
+                               f"{resolve_task(name)}), or another model") from None
+        raise PeftlabError(f"cannot build {name} ({text}): check model.overrides and the model") from None
+
+
+def _load(name: str, task: Task | None, num_labels: int, seed: int, overrides: dict | None):
     if name.startswith(RANDOM_PREFIX):
         return _random_model(name.removeprefix(RANDOM_PREFIX), task, num_labels, seed, overrides or {})
     if name in PACKAGED:
@@ -137,9 +152,55 @@ def load_model(name: str, task: Task | None = None, num_labels: int = 2, seed: i
 
 
 def _check_overrides(config: PretrainedConfig, overrides: dict) -> None:
+    """Each override names a field the config has, with a value of that field's type; a count or size (a positive
+    integer in the model) stays positive."""
     unknown = [k for k in overrides if not hasattr(config, k)]
     if unknown:
         raise PeftlabError(f"model config has no field(s) {unknown} to override: see the model's config.json")
+    for key, value in overrides.items():
+        current = getattr(config, key)
+        if current is None or isinstance(current, (dict, list)):
+            continue
+        kind = float if isinstance(current, float) else type(current)
+        fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            fits = True
+        if not fits:
+            raise PeftlabError(f"model.overrides {key}={value!r} has the wrong type: the model's {key} is "
+                               f"{type(current).__name__} ({current!r})")
+        if kind is int and current > 0 and value < 1:
+            raise PeftlabError(f"model.overrides {key}={value} must be at least 1 (the model's is {current})")
+        if kind is float and not math.isfinite(value):
+            raise PeftlabError(f"model.overrides {key}={value} must be a finite number")
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """How many positions the model embeds (None for relative or rotary positions, as T5's and Llama's, which
+    do not run out)."""
+    if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
+        return None
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(value := getattr(config, key, None), int):
+            return value
+    return None
+
+
+def check_lengths(config: PretrainedConfig, task: str, source: int, target: int, extra: int = 0,
+                  flags: tuple[str, str] = ("--max-source-length", "--max-target-length")) -> None:
+    """Refuse lengths the model cannot embed (a traceback deep in its forward otherwise). A causal LM holds the
+    prompt and the response in one sequence; `extra`: soft-prompt tokens in front."""
+    limit = position_limit(config)
+    if limit is None:
+        return
+    name = config.model_type
+    if task == "causal" and source + target + extra > limit:
+        raise PeftlabError(f"{flags[0]} {source} + {flags[1]} {target}{f' + {extra} virtual tokens' if extra else ''}"
+                           f" exceeds {name}'s {limit} positions: make them add up to at most {limit}")
+    if task != "causal" and source + extra > limit:
+        raise PeftlabError(f"{flags[0]} {source}{f' + {extra} virtual tokens' if extra else ''} exceeds {name}'s "
+                           f"{limit} positions: use {flags[0]} {limit - extra} or less")
+    if task == "seq2seq" and target > limit:
+        raise PeftlabError(f"{flags[1]} {target} exceeds {name}'s {limit} decoder positions: use {limit} or less")
 
 
 def _pretrained(path: str, task: Task | None, num_labels: int, seed: int, overrides: dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def load_table(source: str, split: str = "train", column_names: list[str] | None
             raise PeftlabError(f"data file {source} is empty: it needs at least one example")
         # A TSV field holds any character but tab and newline, quotes included ('"Yes," she said'): GLUE's
         # files are read so, while CSV quoting would eat those quotes and change the text
+        check_text_file(path)
         extra = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
         if column_names:
             if builder != "csv":
@@ -51,9 +53,38 @@ def load_table(source: str, split: str = "train", column_names: list[str] | None
     return table
 
 
-def require_columns(table: datasets.Dataset, columns: list[str], source: str) -> None:
+def check_text_file(path: Path) -> None:
+    """A text data file must be UTF-8, and a jsonl file one JSON object a line: the error names the line, which
+    the `datasets` parser does not."""
+    if path.suffix == ".parquet":
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PeftlabError(f"{path} line {number} is not UTF-8 text (byte {e.start} of the line): save the "
+                                   "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if "\0" in line:
+                raise PeftlabError(f"{path} line {number} holds a NUL byte: this looks like a binary file, not "
+                                   f"{path.suffix[1:]} text")
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise PeftlabError(f"{path} line {number} is not valid JSON ({first_line(e)}): fix or remove "
+                                       "that line") from None
+                if not isinstance(row, dict):
+                    raise PeftlabError(f"{path} line {number} is a JSON {type(row).__name__}, not an object with "
+                                       'named fields such as {"text": ..., "label": ...}')
+
+
+TRAIN_COLUMNS_FIX = ("set --input-column / --target-column (or use --template; a causal LM learns the text alone "
+                     "with --target-column '')")
+
+
+def require_columns(table: datasets.Dataset, columns: list[str], source: str, fix: str = TRAIN_COLUMNS_FIX) -> None:
+    """Refuse a table without the columns the task reads; `fix` says what the calling command can change."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise PeftlabError(f"{source} lacks column(s) {missing}; it has {table.column_names}: "
-                           "set --input-column / --target-column (or use --template; a causal LM learns the "
-                           "text alone with --target-column '')")
+        raise PeftlabError(f"{source} lacks column(s) {missing}; it has {table.column_names}: {fix}")

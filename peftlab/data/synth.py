@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from peftlab.io import write_text
+from peftlab.io import atomic_write
 
 SUBJECTS = ["the movie", "the food", "the service", "this phone", "the hotel", "the book", "the concert",
             "the staff", "the game", "the app", "the room", "the coffee", "the trip", "the lecture", "the show"]
@@ -46,14 +47,25 @@ TASKS = {"sentiment": sentiment_example}
 
 def generate(task: str, n: int, seed: int) -> list[dict[str, str]]:
     """`n` examples of `task`, the same for the same seed."""
+    return list(stream(task, n, seed))
+
+
+def stream(task: str, n: int, seed: int) -> Iterator[dict[str, str]]:
+    """The examples of `generate`, one at a time (a large -n never sits in memory)."""
     rng = random.Random(seed)
-    return [TASKS[task](rng) for _ in range(n)]
+    return (TASKS[task](rng) for _ in range(n))
 
 
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """Rows as JSON lines, written to a temporary file and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    atomic_write(path, write)
     return path
 
 

@@ -20,7 +20,7 @@ from peftlab.eval.generation import generate
 from peftlab.eval.metrics import label_metrics, text_metrics
 from peftlab.eval.runs import LoadedRun
 from peftlab.eval.scoring import score
-from peftlab.io import write_text
+from peftlab.io import output_lock, refuse_run_output, write_text
 from peftlab.methods.inject import adapters_disabled
 from peftlab.train.config import DataSection
 
@@ -57,7 +57,7 @@ def _rows(run: LoadedRun, options: EvalOptions) -> list[dict]:
         raise PeftlabError("no evaluation data: pass --data FILE (the checkpoint has no run config naming one)")
     require_columns(table, required_columns(settings.template, settings.input_column, settings.target_column,
                                             settings.pair_column),
-                    source)
+                    source, fix="pass --data with the columns the run was trained on")
     rows = list(table)
     return rows[:options.limit] if options.limit else rows
 
@@ -112,7 +112,14 @@ def evaluate(run: LoadedRun, checkpoint: Path, options: EvalOptions, show: bool 
     """Metrics of the checkpoint (and of its base with --compare-base); files written under options.output."""
     rows = _rows(run, options)
     out = Path(options.output) if options.output else checkpoint / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_run_output(out, "--output", (checkpoint,), may_be_child_of=checkpoint)
+    with output_lock(out, "eval"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _evaluate_into(run, rows, options, checkpoint, out, show)
+
+
+def _evaluate_into(run: LoadedRun, rows: list[dict], options: EvalOptions, checkpoint: Path, out: Path,
+                   show: bool) -> dict[str, dict]:
     passes = [("adapter", contextlib.nullcontext)]
     if options.compare_base:
         passes.insert(0, ("base", lambda: adapters_disabled(run.model)))

@@ -9,6 +9,7 @@ from torch import nn
 
 from peftlab.data.tasks import truncation_side
 from peftlab.errors import PeftlabError
+from peftlab.models import position_limit
 
 
 @torch.no_grad()
@@ -25,6 +26,7 @@ def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, bat
     outputs: list[str] = []
     side = "left" if task == "causal" else "right"  # a causal prompt ends where the output starts, and keeps its end
     tokenizer.padding_side = side
+    _check_positions(model.config, tokenizer, sources, task, max_new_tokens, max_source_length, side)
     for start in range(0, len(sources), batch_size):
         chunk = list(sources[start:start + batch_size])
         with truncation_side(tokenizer, side):
@@ -38,3 +40,24 @@ def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, bat
         if on_batch:
             on_batch(len(chunk))
     return [o.strip() for o in outputs]
+
+
+def _check_positions(config, tokenizer, sources: Sequence[str], task: str, max_new_tokens: int,
+                     max_source_length: int, side: str) -> None:
+    """Refuse, before generating anything, what the model cannot embed: a causal LM holds the longest prompt and
+    every new token in one sequence, a seq2seq decoder the new tokens."""
+    limit = position_limit(config)
+    if limit is None:
+        return
+    if task == "seq2seq":
+        if max_new_tokens >= limit:
+            raise PeftlabError(f"--max-new-tokens {max_new_tokens} exceeds {config.model_type}'s {limit} decoder "
+                               f"positions: use {limit - 1} or less")
+        return
+    with truncation_side(tokenizer, side):
+        longest = max(len(ids) for ids in tokenizer(list(sources), truncation=True,
+                                                    max_length=max_source_length)["input_ids"])
+    if longest + max_new_tokens > limit:
+        raise PeftlabError(f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                           f"{config.model_type}'s {limit} positions: use --max-new-tokens {max(limit - longest, 1)} "
+                           "or less, or shorter prompts (--max-source-length)")

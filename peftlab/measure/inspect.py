@@ -15,7 +15,7 @@ from peftlab.measure.sizes import bytes_by_dtype, count_parameters, module_suffi
 from peftlab.methods import build_config
 from peftlab.methods.inject import LINEAR_TYPES, MethodConfig, apply, linear_module_names
 from peftlab.methods.qlora import quantization_report, quantized_layers
-from peftlab.models import load_model
+from peftlab.models import check_lengths, load_model, position_limit, resolve_task
 from peftlab.train.lean import make_lean
 from peftlab.train.loss import supports_chunked_loss, training_loss
 
@@ -62,6 +62,9 @@ def checkpoint_bytes(name: str, model: nn.Module) -> int:
         return (Path(tmp) / "model.safetensors").stat().st_size
 
 
+MAX_PROBE_TOKENS = 32_768  # the probe runs real steps: a model without a position limit still needs a bound
+
+
 def estimate_memory(name: str, method: MethodConfig | str | None = None, task: str | None = None,
                     batch_size: int = 8, source_len: int = 128, target_len: int = 64, overrides: dict | None = None,
                     fields: dict | None = None, lean_kernels: bool = True,
@@ -73,6 +76,11 @@ def estimate_memory(name: str, method: MethodConfig | str | None = None, task: s
         if value <= 0:
             raise PeftlabError(f"{flag} must be positive, got {value}")
     model, _ = load_model(name, task=task, overrides=overrides)
+    flags = ("--source-len", "--target-len")
+    check_lengths(model.config, resolve_task(name, task), source_len, target_len, flags=flags)
+    if position_limit(model.config) is None and source_len + target_len > MAX_PROBE_TOKENS:
+        raise PeftlabError(f"--source-len {source_len} + --target-len {target_len} is more than the {MAX_PROBE_TOKENS} "
+                           "tokens the estimate's probe steps run at: give realistic lengths")
     config = _method_config(model, method, fields)
     if config is not None:
         model = apply(model, config)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
-from peftlab.io import write_text
-from peftlab.study.sweep import run_point, summary_row
+from peftlab.io import atomic_write, output_lock, write_text
+from peftlab.study.sweep import check_study_output, run_point, summary_row
 
 
 def search(evaluate: Callable[[int], float], threshold: float, d_start: int, d_max: int,
@@ -62,8 +62,15 @@ def intrinsic_dim(config: str | None, output: str | Path, overrides: list[str] =
     if not 0 < target <= 1:
         raise PeftlabError(f"--target must be in (0, 1], got {target}")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_study_output(out, "--output")
+    with output_lock(out, "intrinsic-dim"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _search_and_write(config, out, overrides, method, target, full_metric, d_start, d_max, precision,
+                                 d_min)
 
+
+def _search_and_write(config, out: Path, overrides, method: str, target: float, full_metric: float | None,
+                      d_start: int, d_max: int, precision: float, d_min: int) -> dict:
     def metric_of(point: dict) -> tuple[str, float]:
         row = summary_row(run_point(config, point, out, overrides))
         if row["eval_metric"] != "eval_accuracy":
@@ -81,7 +88,8 @@ def intrinsic_dim(config: str | None, output: str | Path, overrides: list[str] =
               "curve": {str(d): m for d, m in sorted(curve.items())}}
     write_text(out / "result.json", json.dumps(result, indent=2))
     write_text(out / "curve.csv", "d,eval_accuracy\n" + "".join(f"{d},{m}\n" for d, m in sorted(curve.items())))
-    curve_figure(curve, full_metric, threshold, d90, method).savefig(out / "curve.png", dpi=120)
+    figure = curve_figure(curve, full_metric, threshold, d90, method)
+    atomic_write(out / "curve.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     return result
 
 

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from peftlab.errors import PeftlabError  # noqa: E402
-from peftlab.io import atomic_write, write_text  # noqa: E402
+from peftlab.io import atomic_write, output_lock, refuse_run_output, write_text  # noqa: E402
 from peftlab.study.sweep import SUMMARY_COLUMNS, markdown_table, pick, read_metrics, summary_row  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def heatmap_figure(run: Path) -> Figure | None:
 def params_figure(rows: list[dict[str, Any]]) -> Figure:
     """Trainable parameters against LoRA rank; full fine-tuning as a horizontal line."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    lora = sorted({(int(r["r"]), r["trainable_params"]) for r in rows if r["method"] != "full"})
+    lora = sorted({(int(r["r"]), r["trainable_params"]) for r in rows if r["r"] != ""})  # methods with a rank
     if lora:
         ax.plot([r for r, _ in lora], [n for _, n in lora], marker="o", label="LoRA")
     for r in rows:
@@ -136,7 +136,13 @@ def report(directories: list[str | Path], output: str | Path, title: str = "peft
     runs = find_runs(directories)
     rows = [summary_row(run) for run in runs]
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_run_output(out, "-o")
+    with output_lock(out, "report"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_report(runs, rows, out, title, preamble)
+
+
+def _write_report(runs: list[Path], rows: list[dict[str, Any]], out: Path, title: str, preamble: str) -> Path:
     figures = [("Loss and gradient norm", save_figure(curves_figure(runs), out / "curves.png"))]
     for run in runs:
         fig = heatmap_figure(run)

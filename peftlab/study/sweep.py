@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftlab.errors import PeftlabError
-from peftlab.io import write_text
+from peftlab.io import holds_run, load_yaml, output_lock, refuse_run_output, write_text
 from peftlab.train.config import TrainConfig, changed_settings, full_key, load_config
+from peftlab.train.monitor import read_log
 
 ALIASES = {"method": "method.name", "rank": "method.r"}
 DERIVED = re.compile(r"^(\d*\.?\d*)\s*\*?\s*([A-Za-z_][\w.]*)$")  # 2r, 0.5*r, r
@@ -72,7 +71,11 @@ def parse_grid(specs: list[str]) -> Grid:
         key, sep, text = spec.partition("=")
         if not sep or not text.strip():
             raise PeftlabError(f"--grid {spec!r} has no values: write KEY=V1,V2,... (e.g. r=4,8,16,32)")
-        raw.append((resolve_key(key.strip()), [v.strip() for v in text.split(",") if v.strip()]))
+        full = resolve_key(key.strip())
+        if any(k == full for k, _ in raw):
+            raise PeftlabError(f"--grid names {full} twice: give all its values in one, e.g. --grid "
+                               f"{key.strip()}=4,8")
+        raw.append((full, [v.strip() for v in text.split(",") if v.strip()]))
     keys = {k for k, _ in raw}
     for key, items in raw:
         match = DERIVED.match(items[0]) if len(items) == 1 else None
@@ -85,6 +88,10 @@ def parse_grid(specs: list[str]) -> Grid:
                                f"add --grid {match.group(2)}=V1,V2,...")
         else:
             values[key] = items
+    for key, (_, source) in derived.items():
+        if source in derived:
+            raise PeftlabError(f"--grid {key.split('.')[-1]} derives from {source.split('.')[-1]}, which is derived "
+                               "itself: give one of them a list of values (e.g. r=4,8 and alpha=2r)")
     return Grid(values, derived)
 
 
@@ -101,8 +108,27 @@ def sweep(config: str | None, grids: list[str], output: str | Path, overrides: l
     for point in points:
         load_config(config, {**fixed, **point}).validate()
     out, settings = Path(output), base.to_dict()
+    check_study_output(out, "--output")
     check_same_sweep(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "sweep"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_sweep(config, grids, out, overrides, settings, points)
+
+
+def check_study_output(out: Path, flag: str) -> None:
+    """A sweep (or a d90 search) writes one run directory per point into its output, named `key=value,...`:
+    refuse an output that is or lies inside a training run, or that holds runs of something else."""
+    refuse_run_output(out, flag, may_hold_runs=True)
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"{flag} {out} is a file, not a directory: choose another {flag}")
+    others = [p for p in (out.iterdir() if out.is_dir() else []) if "=" not in p.name and holds_run(p)]
+    if others:
+        raise PeftlabError(f"{flag} {out} holds the training run {others[0]}, which is not a point of a study: "
+                           f"choose another {flag}")
+
+
+def _run_sweep(config: str | None, grids: list[str], out: Path, overrides: list[str], settings: dict,
+               points: list[dict[str, Any]]) -> list[dict]:
     write_text(out / "sweep.json", json.dumps({"config": settings, "grid": grids, "points": points}, indent=2))
     for i, point in enumerate(points, 1):
         run_point(config, point, out, overrides, f"[{i}/{len(points)}] ")
@@ -145,7 +171,7 @@ def run_point(config: str | None, point: dict[str, Any], out: Path, overrides: l
 
 def summary_row(run_dir: Path) -> dict[str, Any]:
     """One run's figures, read from what it wrote (config.yaml, results.json, metrics.jsonl)."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = load_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
     results = json.loads((run_dir / "results.json").read_text())
     logs = [r for r in read_metrics(run_dir) if "loss" in r]
     metric = next((k for k in ("eval_accuracy", "eval_loss") if k in (results["eval_after"] or {})), None)
@@ -163,7 +189,7 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_log(run_dir / "metrics.jsonl")
 
 
 def pick(rows: list[dict[str, Any]], tolerance: float = PICK_TOLERANCE) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from typing import Any
 import yaml
 
 from peftlab.errors import PeftlabError, first_line
+from peftlab.io import load_yaml
 from peftlab.methods import METHODS
 from peftlab.train.products import BACKENDS
 
@@ -112,7 +115,21 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> TrainConfig:
+        for key, value in self.numbers():
+            if not math.isfinite(value):
+                raise PeftlabError(f"{key} must be a finite number, got {value}")
+        m = self.method
         checks = [
+            (m.r >= 1, "method.r (the rank) must be at least 1"),
+            (m.alpha > 0, "method.alpha must be > 0 (the seed uses 2 * r)"),
+            (0 <= m.dropout < 1, "method.dropout must be in [0, 1)"),
+            (m.bottleneck >= 1 and m.num_virtual_tokens >= 1 and m.d >= 1,
+             "method.bottleneck, method.num_virtual_tokens and method.d must be at least 1"),
+            (0 <= self.run.seed < 2**32, f"run.seed must be in [0, {2**32 - 1}], got {self.run.seed}"),
+            (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.run.device) is not None,
+             f"run.device must be auto, cpu, cuda, cuda:N or mps, got {self.run.device!r}"),
+            (self.model.overrides is None or isinstance(self.model.overrides, dict),
+             "model.overrides must be a mapping of model config fields, e.g. {dropout_rate: 0.0}"),
             (self.run.batch_size > 0, "run.batch_size must be > 0"),
             (self.run.grad_accum > 0, "run.grad_accum must be > 0"),
             (self.run.logging_steps > 0, "run.logging_steps must be > 0"),
@@ -152,7 +169,29 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise PeftlabError(message)
+        for key in ("targets", "feedforward"):
+            _check_pattern(f"method.{key}", getattr(m, key))
         return self
+
+    def numbers(self) -> list[tuple[str, float]]:
+        """Every numeric setting as (`section.key`, value), lists' items included."""
+        found = []
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, int | float) and not isinstance(item, bool):
+                        found.append((f"{section}.{key}", item))
+        return found
+
+
+def _check_pattern(key: str, targets: list[str] | str | None) -> None:
+    """A regex given as targets must compile: a typo such as '(' is a config error, not a traceback later."""
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise PeftlabError(f"{key} {targets!r} is not a valid regular expression ({e}): write names such as "
+                               "q,v or a regex like '.*\\.(q|v)'") from None
 
 
 METHOD_NAMES = (*METHODS, "full")
@@ -190,7 +229,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return None
     if isinstance(value, str) and str not in origins:
         try:
-            value = yaml.safe_load(value)
+            value = load_yaml(value, key)
         except yaml.YAMLError:
             pass
     if value is None and type(None) in origins:
@@ -246,9 +285,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     config = TrainConfig()
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = load_yaml(Path(path).read_text(encoding="utf-8"), f"config file {path}")
         except FileNotFoundError:
             raise PeftlabError(f"config file {path} not found: check the path") from None
+        except UnicodeDecodeError as e:
+            raise PeftlabError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise PeftlabError(f"config file {path} is not valid YAML ({first_line(e)})") from None
         if raw is not None and not isinstance(raw, dict):

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from peftlab.data.batching import batch_order, batch_tokens, collate
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 from peftlab.eval.scoring import score
-from peftlab.io import write_text
+from peftlab.io import output_lock, write_text
 from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
-from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, load_model, resolve_task
+from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, check_lengths, load_model, resolve_task
 from peftlab.train import distributed, products, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.config import TrainConfig
@@ -35,6 +35,7 @@ from peftlab.train.state import (
     find_checkpoint,
     interrupted_hint,
     load_trainer_state,
+    resume_hint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -101,9 +102,11 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
         raise PeftlabError("run.recompute_linear does not work with FSDP, which frees each layer's weights after "
                            "its forward pass: use --distributed ddp, or turn run.recompute_linear off")
     quiet = contextlib.redirect_stdout(io.StringIO()) if not world.is_main else contextlib.nullcontext()
+    # rank 0 writes the run, so it holds the output for all of them
+    lock = output_lock(cfg.run.output, "train") if world.is_main else contextlib.nullcontext()
     device = distributed.start(world, setup.resolve_device(cfg.run.device))
     try:
-        with quiet:
+        with quiet, lock:
             result = _train(cfg, world, device, progress if world.is_main else False)
     except BaseException:
         distributed.stop(world, finished=False)
@@ -114,7 +117,7 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
 
 def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
     baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
-    out = setup.prepare_output(cfg, create=False)  # only checked: bad data or config below leave it as it was
+    out = setup.check_output(cfg)  # only checked: bad data or config below leave it as it was
     onednn = device.type == "cpu" and cfg.run.lean_kernels and products.wants_onednn(cfg.run.linear_backend)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
@@ -129,6 +132,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
                                   overrides=cfg.model.overrides)
     if base_seed != cfg.run.seed:
         torch.manual_seed(cfg.run.seed)  # load_model seeded the preset's weights: the run's own draws follow run.seed
+    virtual = cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0
+    check_lengths(model.config, task, cfg.data.max_source_length, cfg.data.max_target_length, virtual)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
     lean = make_lean(model, linear=cfg.run.recompute_linear, onednn=onednn) if cfg.run.lean_kernels else []
@@ -140,9 +145,15 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     model.to(device).train()
     cfg.data.labels = labels or None
     resumed = _resume_weights(out, cfg, model, world) if cfg.run.resume else None  # before anything is written
-    if world.is_main:
-        setup.prepare_output(cfg)  # --overwrite clears the old run only now that the new one can start
-        write_text(out / "config.yaml", cfg.to_yaml())
+    with setup.replacing_output(cfg, world.is_main):  # --overwrite sets the old run aside only now
+        if world.is_main:
+            write_text(out / "config.yaml", cfg.to_yaml())
+        return _report_and_fit(cfg, world, device, model, tokenizer, data, out, task, progress, baseline_mb,
+                               resumed, onednn, lean)
+
+
+def _report_and_fit(cfg, world, device, model, tokenizer, data, out, task, progress, baseline_mb, resumed, onednn,
+                    lean) -> RunResult:
     print(f"Config: {json.dumps(cfg.to_dict())}")
     for config in getattr(model, "peftlab_adapters", {}).values():
         print(f"Using {config.method.upper()}: {config}")
@@ -197,6 +208,9 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
         while step < total:
             t0 = time.perf_counter()
             loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, step, task)
+            if not is_finite(loss):
+                raise PeftlabError(f"loss became {loss} at step {step + 1}: lower --lr or check the data; "
+                                   f"{resume_hint(out)}")
             is_log_step = (step + 1) % r.logging_steps == 0 or step + 1 == total
             grad_norm, learning_rate, norms = _optimizer_step(cfg, model, trainable, optimizer, scheduler,
                                                               module_norms=is_log_step)
@@ -229,7 +243,7 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
     with distributed.full_weights(model, world):
         if world.is_main:
             log.close()
-            setup.save_trained(model, out, tokenizer)
+            setup.save_final(model, out, tokenizer)
             trainable, total = count_parameters(model)
             write_text(out / "results.json", json.dumps({
                 "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
@@ -318,9 +332,6 @@ def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, ta
             total_loss += loss.item()
             tokens += batch_tokens(batch, task == "seq2seq") if real else 0
     total_loss, tokens = distributed.all_reduce([total_loss / world.size, tokens], world)
-    if not is_finite(total_loss):
-        raise PeftlabError(f"loss became {total_loss} at step {step + 1}: lower --lr or check the data; "
-                           "the last saved checkpoint is untouched (resume from it with --resume latest)")
     return total_loss, int(tokens)
 
 
@@ -353,8 +364,12 @@ def _resume_weights(out: Path, cfg: TrainConfig, model, world: World) -> dict[st
 
 
 def _resume_state(state: dict[str, Any], model, optimizer, scheduler, stream: MicroBatches, world: World) -> int:
-    distributed.load_optimizer_state(model, optimizer, state["optimizer"], world)
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"], world)
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise PeftlabError(f"the checkpoint's optimizer state does not fit this run's trainable parameters "
+                           f"({first_line(e)}): resume from a checkpoint of this run") from None
     stream.seek(state["epoch"], state["index"])
     rngs = state.get("rng_by_rank") or [state["rng"]]
     set_rng_state(rngs[world.rank])

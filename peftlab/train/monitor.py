@@ -14,6 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from peftlab.errors import PeftlabError
 from peftlab.io import write_text
 
 
@@ -34,6 +35,24 @@ def module_grad_norms(model: nn.Module, norms: Mapping[torch.Tensor, torch.Tenso
     return named
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of an append-only JSON-lines log. A last line cut short (a killed run leaves one) is skipped
+    with a warning; a bad line before it is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise PeftlabError(f"{path} line {number} is not valid JSON: fix or remove that line") from None
+            print(f"warning: {path}: skipped its last line, cut short (the run was stopped while writing it)",
+                  file=sys.stderr)
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl (flushed at once, so a crash keeps what was logged).
     `resumed_at`: the step a resumed run continues from; what the earlier run logged after it is dropped (the
@@ -41,8 +60,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resumed_at: int | None = None) -> None:
         if resumed_at is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+            kept = [json.dumps(r) + "\n" for r in read_log(path) if r.get("step", 0) <= resumed_at]
             write_text(path, "".join(kept))
         self.file = open(path, "w" if resumed_at is None else "a")
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +17,12 @@ from torch import nn
 from peftlab.data.loading import load_table, require_columns
 from peftlab.data.tasks import Formatter, required_columns
 from peftlab.errors import PeftlabError
+from peftlab.io import fsync_path, move_files_into, temp_dir_beside
 from peftlab.methods import build_config
 from peftlab.methods.checkpoint import save_adapter
 from peftlab.methods.inject import CLASSIFIER_HEADS, apply
 from peftlab.train.config import TrainConfig, changed_settings, load_config
+from peftlab.train.state import list_checkpoints
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")  # these mark a run
 RUN_OUTPUTS = (*RUN_FILES, "adapter_model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -37,24 +43,84 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_output(cfg: TrainConfig, create: bool = True) -> Path:
-    """The run directory; refuses to mix two runs unless --overwrite (clears ours) or --resume.
-    With create=False it only checks (every process, before the run reads anything)."""
+REPLACED = ".replaced-run"  # where --overwrite keeps the old run until the new one has finished
+
+
+def check_output(cfg: TrainConfig) -> Path:
+    """The run directory, checked before the run reads anything (every process): it refuses to mix two runs
+    unless --overwrite or --resume, and an output that cannot be a directory."""
     out = Path(cfg.run.output)
-    holds_run = out.is_dir() and any((out / f).exists() for f in RUN_FILES)
-    if holds_run and not (cfg.run.overwrite or cfg.run.resume):
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--output {out} is a file, not a directory: choose another --output")
+    if _holds_run(out) and not (cfg.run.overwrite or cfg.run.resume):
         raise PeftlabError(f"{out} already holds a run: pass --overwrite to replace it, --resume to continue it, "
                            "or choose another --output")
-    if not create:
-        return out
-    if holds_run and cfg.run.overwrite and not cfg.run.resume:
-        for child in out.iterdir():
-            if child.name.startswith("checkpoint-"):
-                shutil.rmtree(child)
-            elif child.name in RUN_OUTPUTS:
-                child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.run.overwrite and not cfg.run.resume and (out / REPLACED).exists():
+        raise PeftlabError(f"{out / REPLACED} holds the run an interrupted --overwrite was replacing: move it "
+                           "elsewhere (or delete it if it is not needed), then run again")
     return out
+
+
+def _holds_run(out: Path) -> bool:
+    return out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or bool(list_checkpoints(out)))
+
+
+def _run_outputs(out: Path) -> list[Path]:
+    """What a run wrote at its root: its files, its checkpoints and any checkpoint left half-written."""
+    return [child for child in out.iterdir() if child.name in RUN_OUTPUTS or child in list_checkpoints(out)
+            or (child.name.startswith(".checkpoint-") and child.name.endswith(".tmp"))]
+
+
+@contextmanager
+def replacing_output(cfg: TrainConfig, enabled: bool = True) -> Iterator[None]:
+    """The run directory opened for writing (`open_output`) around the run; if the run fails, the run it was
+    replacing comes back (`restore_replaced`), and once it finishes that run goes (`drop_replaced`)."""
+    out = Path(cfg.run.output)
+    aside = open_output(cfg) if enabled else None
+    try:
+        yield
+    except BaseException:
+        if enabled and (note := restore_replaced(out, aside)):
+            print(f"peftlab: {note}", file=sys.stderr)
+        raise
+    if enabled:
+        drop_replaced(out)
+
+
+def open_output(cfg: TrainConfig) -> Path | None:
+    """Create the run directory; with --overwrite, move the old run's files into `REPLACED` (returned) instead
+    of deleting them: they come back if the new run fails before its first checkpoint (`restore_replaced`)
+    and are deleted only once it has finished (`drop_replaced`). Files a run does not write stay as they are."""
+    out = check_output(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (_holds_run(out) and cfg.run.overwrite and not cfg.run.resume):
+        return None
+    aside = out / REPLACED
+    aside.mkdir()
+    for child in _run_outputs(out):
+        os.replace(child, aside / child.name)
+    fsync_path(out)
+    return aside
+
+
+def restore_replaced(out: Path, aside: Path | None) -> str | None:
+    """After a failed run: put the replaced run back unless the new one saved a checkpoint (then both stay,
+    and the new one can be resumed); returns what to tell the user."""
+    if aside is None or not aside.is_dir():
+        return None
+    if list_checkpoints(out):
+        return f"the run --overwrite was replacing is kept in {aside} until this one finishes"
+    for child in _run_outputs(out):
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in aside.iterdir():
+        os.replace(child, out / child.name)
+    aside.rmdir()
+    return f"the run --overwrite was replacing is back in {out}"
+
+
+def drop_replaced(out: Path) -> None:
+    """The new run has finished: the run it replaced goes."""
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
 
 
 def absolute_local_paths(cfg: TrainConfig) -> None:
@@ -92,7 +158,21 @@ def apply_method(model: nn.Module, cfg: TrainConfig, task: str) -> nn.Module:
         modules_to_save = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1]
     fields = {k: v for k, v in dataclasses.asdict(m).items() if k != "name"}
     config = build_config(m.name, model.config.model_type, **{**fields, "modules_to_save": modules_to_save})
-    return apply(model, config)
+    model = apply(model, config)
+    widths = [min(layer.in_features, layer.out_features) for layer in model.modules()
+              if hasattr(layer, "lora_A") and hasattr(layer, "in_features")]
+    if widths and m.r > max(widths):
+        print(f"warning: rank {m.r} is above the width of every adapted layer (at most {max(widths)}): a rank "
+              f"beyond {max(widths)} adds parameters but no capacity")
+    return model
+
+
+def save_final(model: nn.Module, out: Path, tokenizer) -> None:
+    """The run's final weights and tokenizer, written beside the run and renamed into it file by file (the
+    tokenizer's own writer is not atomic)."""
+    with temp_dir_beside(out / "final") as tmp:
+        save_trained(model, tmp, tokenizer)
+        move_files_into(tmp, out)
 
 
 def save_trained(model: nn.Module, directory: Path, tokenizer=None) -> None:
@@ -142,6 +222,9 @@ def encode(cfg: TrainConfig, tokenizer, task: str, tables, labels: list[str]) ->
     validation = formatter.encode_all(tables[1])
     if d.pack:
         print(f"Packed {len(tables[0])} training texts into {len(train)} blocks of {d.max_source_length} tokens")
+    if all(not formatter.source(row).strip() for row in tables[0]):  # stops at the first text that has words
+        print(f"warning: all {len(train)} training texts are empty after formatting: check --input-column or "
+              "--template")
     if truncated_train:
         print(f"warning: {truncated_train} texts (sources or targets) of {len(train)} training examples were cut to "
               f"max_source_length={d.max_source_length} / max_target_length={d.max_target_length}")
@@ -149,7 +232,36 @@ def encode(cfg: TrainConfig, tokenizer, task: str, tables, labels: list[str]) ->
 
 
 def label_set(cfg: TrainConfig, table) -> list[str]:
-    return list(cfg.data.labels) if cfg.data.labels else sorted({str(x) for x in table[cfg.data.target_column]})
+    """The classes: data.labels, or the sorted labels seen in training. Labels are all numbers or all names (a
+    mix, such as 0, 1 and "negative", would silently make extra classes); one class is warned about."""
+    d = cfg.data
+    values = table[d.target_column]
+    if (missing := next((i for i, v in enumerate(values) if v is None or str(v).strip() == ""), None)) is not None:
+        raise PeftlabError(f"{d.train}: example {missing + 1} has no {d.target_column!r} label: fill it in or drop it")
+    seen = sorted({str(v) for v in values})
+    if d.labels:
+        labels = [str(x) for x in d.labels]
+        if unknown := [v for v in seen if v not in labels]:
+            raise PeftlabError(f"{d.train}: label(s) {unknown[:5]} are not in data.labels {labels}: add them there "
+                               "or fix the data")
+        return labels
+    numbers = [v for v in seen if _is_number(v)]
+    if numbers and len(numbers) < len(seen):
+        names = [v for v in seen if not _is_number(v)]
+        raise PeftlabError(f"{d.train}: the {d.target_column!r} column mixes numbers ({', '.join(numbers[:3])}) and "
+                           f"names ({', '.join(names[:3])}): write every label the same way, or list the classes in "
+                           "data.labels")
+    if len(seen) < 2:
+        print(f"warning: every training example has the label {seen[0]!r}: the model can only learn that one class")
+    return seen
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_trained(model: nn.Module, directory: Path) -> None:

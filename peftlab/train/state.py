@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError, first_line
+from peftlab.io import fsync_path, fsync_tree
 
 STATE_NAME = "trainer_state.pt"
 
@@ -37,10 +38,15 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, save_weights, traine
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(model, tmp)
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        save_weights(model, tmp)
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        fsync_path(out)
+    finally:  # a full disk leaves no half-written checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
@@ -61,6 +67,14 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     if not (path / STATE_NAME).is_file():
         raise PeftlabError(f"--resume {resume}: no {STATE_NAME} there; point to a checkpoint-<step> directory")
     return path
+
+
+def resume_hint(out: Path) -> str:
+    """Where a stopped run can continue from, for the message that stops it."""
+    checkpoints = list_checkpoints(out) if out.is_dir() else []
+    if not checkpoints:
+        return "no checkpoint was saved (train with --save-steps N to keep some)"
+    return f"the last saved checkpoint {checkpoints[-1]} is untouched (resume from it with --resume latest)"
 
 
 def interrupted_hint(out: Path, step: int) -> str:
