@@ -477,10 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeftlabError as e:
         print(f"peftlab: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a read-only or missing directory: what the user can fix, without a traceback
-        from peftlab.io import os_error_message
+    except Exception as e:  # a full disk, a read-only or missing directory: what the user can fix, without a traceback
+        from peftlab.io import as_os_error, os_error_message
 
-        print(f"peftlab: error: {one_line(os_error_message(e))}", file=sys.stderr)
+        if (os_error := as_os_error(e)) is None:
+            raise
+        print(f"peftlab: error: {one_line(os_error_message(os_error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)

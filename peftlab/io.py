@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -69,9 +70,12 @@ def make_temp_dir(beside: Path) -> Path:
     return tmp
 
 
-def fsync_tree(directory: Path) -> None:
+def finalize_tree(directory: Path) -> None:
+    """Give every file under `directory` the umask's mode (libraries write some 0600) and flush it to disk."""
+    mode = 0o666 & ~_umask()
     for root, _, files in os.walk(directory):
         for name in files:
+            os.chmod(os.path.join(root, name), mode)
             fsync_path(os.path.join(root, name))
         fsync_path(root)
 
@@ -79,7 +83,7 @@ def fsync_tree(directory: Path) -> None:
 def move_files_into(source: Path, target: Path) -> None:
     """Rename each file of `source` (flat) onto the same name in `target`, each rename atomic; then remove the
     emptied `source`."""
-    fsync_tree(source)
+    finalize_tree(source)
     target.mkdir(parents=True, exist_ok=True)
     for child in source.iterdir():
         os.replace(child, target / child.name)
@@ -114,6 +118,8 @@ def output_lock(target: str | os.PathLike, command: str) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     path = lock_path(Path(target))
+    if blocking := file_in_the_way(Path(target)):
+        raise PeftlabError(f"{target}: {blocking} is a file, not a directory: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=0)
     try:
@@ -154,6 +160,17 @@ _FIXES = {
 }
 
 
+def as_os_error(error: BaseException) -> OSError | None:
+    """The OSError inside an error: itself, or what a Rust-backed writer (safetensors, tokenizers) reports as
+    '... (os error 28)'."""
+    if isinstance(error, OSError):
+        return error
+    if match := re.search(r"\(os error (\d+)\)", str(error)):
+        number = int(match.group(1))
+        return OSError(number, os.strerror(number))
+    return None
+
+
 def os_error_message(error: OSError) -> str:
     """`path: what went wrong: what to do` on one line, for any OSError a command meets."""
     if error.errno is None:  # libraries raise OSError with a message of their own
@@ -167,7 +184,7 @@ def os_error_message(error: OSError) -> str:
 
 # ---- outputs that would overwrite a training run -------------------------------------------------------------------
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "trainer_state.pt", "adapter_config.json")
+RUN_MARKERS = ("metrics.jsonl", "trainer_state.pt", "adapter_config.json")  # a config.yaml alone is anyone's
 
 
 def holds_run(directory: Path) -> bool:
@@ -176,7 +193,7 @@ def holds_run(directory: Path) -> bool:
         return False
     if any((directory / name).is_file() for name in RUN_MARKERS):
         return True
-    return any(p.is_dir() and p.name.removeprefix("checkpoint-").isdigit() for p in directory.glob("checkpoint-*"))
+    return any((p / "trainer_state.pt").is_file() for p in directory.glob("checkpoint-*"))
 
 
 def _runs_below(directory: Path, depth: int = 3, budget: int = 20_000) -> Path | None:
@@ -201,12 +218,20 @@ def _runs_below(directory: Path, depth: int = 3, budget: int = 20_000) -> Path |
     return None
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of `path` when it is a file (so nothing can be created below it)."""
+    nearest = next((p for p in Path(path).parents if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def refuse_run_output(output: str | os.PathLike, flag: str, sources: tuple[Path, ...] = (),
                       may_hold_runs: bool = False, may_be_child_of: Path | None = None) -> None:
     """Refuse an output that is, contains or lies inside a training run (or the checkpoint being read), whatever
     --overwrite says. `may_hold_runs`: a sweep's directory holds its runs by design; `may_be_child_of`: eval's
     own folder inside the checkpoint it scores."""
     out = Path(os.path.abspath(output))
+    if blocking := file_in_the_way(out):
+        raise PeftlabError(f"{flag} {output}: {blocking} is a file, not a directory: choose another path")
     allowed_parent = Path(os.path.abspath(may_be_child_of)) if may_be_child_of else None
     for source in sources:
         src = Path(os.path.abspath(source))
@@ -231,26 +256,35 @@ def refuse_run_output(output: str | os.PathLike, flag: str, sources: tuple[Path,
 
 # ---- YAML ------------------------------------------------------------------------------------------------------
 
-MAX_YAML_ALIASES = 100  # a config needs few; a "billion laughs" needs many, and expands when read
+MAX_YAML_VALUES = 100_000  # a config has few; a "billion laughs" of aliases (*name) expands to billions
 
 
 def load_yaml(text: str, source: str = "YAML") -> object:
-    """yaml.safe_load with at most MAX_YAML_ALIASES alias uses (`*name`), everywhere a user's YAML is read."""
+    """yaml.safe_load, refusing a document whose aliases expand it beyond MAX_YAML_VALUES values (counted on
+    the composed graph, before anything is built), everywhere a user's YAML is read."""
     import yaml
 
-    class BudgetLoader(yaml.SafeLoader):
-        aliases = 0
-
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                self.aliases += 1
-                if self.aliases > MAX_YAML_ALIASES:
-                    raise PeftlabError(f"{source} uses more than {MAX_YAML_ALIASES} YAML aliases (*name): write the "
-                                       "values out instead")
-            return super().compose_node(parent, index)
-
-    loader = BudgetLoader(text)
+    loader = yaml.SafeLoader(text)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise PeftlabError(f"{source} expands to more than {MAX_YAML_VALUES:,} values through YAML aliases "
+                               "(*name): write the values out instead")
+        return loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
+
+
+def _expanded_size(node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded (shared nodes are counted once each time
+    they are used, but computed once)."""
+    import yaml
+
+    if id(node) not in sizes:
+        if isinstance(node, yaml.SequenceNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        else:
+            sizes[id(node)] = 1
+    return sizes[id(node)]

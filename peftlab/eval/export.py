@@ -9,7 +9,7 @@ from pathlib import Path
 
 from peftlab.errors import PeftlabError
 from peftlab.eval.runs import LoadedRun
-from peftlab.io import fsync_path, fsync_tree, output_lock, refuse_run_output, temp_dir_beside
+from peftlab.io import finalize_tree, fsync_path, output_lock, refuse_run_output, temp_dir_beside
 from peftlab.methods.inject import merge_and_unload
 
 # what save_pretrained and a tokenizer write: the only files --overwrite may replace
@@ -44,7 +44,7 @@ def export_merged(run: LoadedRun, output: str | Path, overwrite: bool = False, s
         with temp_dir_beside(out) as tmp:
             model.save_pretrained(tmp)
             run.tokenizer.save_pretrained(tmp)
-            fsync_tree(tmp)
+            finalize_tree(tmp)
             _swap_in(tmp, out)
     return Path(output)
 

@@ -1,5 +1,7 @@
 """PEFT methods: one module each, sharing the injection machinery in `inject`."""
 
+import re
+
 from peftlab.errors import PeftlabError
 from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.dora import DoraConfig
@@ -23,8 +25,19 @@ __all__ = ["METHODS", "BitFitConfig", "DIDConfig", "DoraConfig", "HoulsbyConfig"
 def parse_targets(text: str) -> list[str] | str:
     """CLI form of targets: 'q,v' -> ['q', 'v']; 'all-linear' and regexes (e.g. '.*\\.(q|v)') stay strings."""
     if text == "all-linear" or any(c in text for c in "*()[]|^$\\+?"):
-        return text
+        return check_pattern(text)
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_pattern(targets: list[str] | str | None, key: str = "targets") -> list[str] | str | None:
+    """A regex given as targets must compile: a typo such as '(' is an input error, not a traceback later."""
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise PeftlabError(f"{key} {targets!r} is not a valid regular expression ({e}): write names such as "
+                               "q,v or a regex like '.*\\.(q|v)'") from None
+    return targets
 
 
 def build_config(method: str, model_type: str | None = None, **fields) -> MethodConfig:

@@ -16,7 +16,7 @@ import yaml
 
 from peftlab.errors import PeftlabError, first_line
 from peftlab.io import load_yaml
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, check_pattern
 from peftlab.train.products import BACKENDS
 
 
@@ -170,7 +170,7 @@ class TrainConfig:
             if not ok:
                 raise PeftlabError(message)
         for key in ("targets", "feedforward"):
-            _check_pattern(f"method.{key}", getattr(m, key))
+            check_pattern(getattr(m, key), f"method.{key}")
         return self
 
     def numbers(self) -> list[tuple[str, float]]:
@@ -182,16 +182,6 @@ class TrainConfig:
                     if isinstance(item, int | float) and not isinstance(item, bool):
                         found.append((f"{section}.{key}", item))
         return found
-
-
-def _check_pattern(key: str, targets: list[str] | str | None) -> None:
-    """A regex given as targets must compile: a typo such as '(' is a config error, not a traceback later."""
-    if isinstance(targets, str) and targets != "all-linear":
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise PeftlabError(f"{key} {targets!r} is not a valid regular expression ({e}): write names such as "
-                               "q,v or a regex like '.*\\.(q|v)'") from None
 
 
 METHOD_NAMES = (*METHODS, "full")

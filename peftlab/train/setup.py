@@ -17,7 +17,7 @@ from torch import nn
 from peftlab.data.loading import load_table, require_columns
 from peftlab.data.tasks import Formatter, required_columns
 from peftlab.errors import PeftlabError
-from peftlab.io import fsync_path, move_files_into, temp_dir_beside
+from peftlab.io import file_in_the_way, fsync_path, move_files_into, temp_dir_beside
 from peftlab.methods import build_config
 from peftlab.methods.checkpoint import save_adapter
 from peftlab.methods.inject import CLASSIFIER_HEADS, apply
@@ -52,6 +52,8 @@ def check_output(cfg: TrainConfig) -> Path:
     out = Path(cfg.run.output)
     if out.exists() and not out.is_dir():
         raise PeftlabError(f"--output {out} is a file, not a directory: choose another --output")
+    if blocking := file_in_the_way(out):
+        raise PeftlabError(f"--output {out}: {blocking} is a file, not a directory: choose another --output")
     if _holds_run(out) and not (cfg.run.overwrite or cfg.run.resume):
         raise PeftlabError(f"{out} already holds a run: pass --overwrite to replace it, --resume to continue it, "
                            "or choose another --output")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError, first_line
-from peftlab.io import fsync_path, fsync_tree
+from peftlab.io import finalize_tree, fsync_path
 
 STATE_NAME = "trainer_state.pt"
 
@@ -41,7 +41,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, save_weights, traine
     try:
         save_weights(model, tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_NAME)
-        fsync_tree(tmp)
+        finalize_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         fsync_path(out)
