@@ -427,6 +427,34 @@ def test_a_cut_last_log_line_is_skipped_with_a_warning(root, tmp_path, capsys):
     assert steps == sorted(steps)
 
 
+def test_resume_from_another_runs_checkpoint_is_one_line(root, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    loose = tmp_path / "loose/checkpoint-2"
+    shutil.copytree(root / "runs/t5/checkpoint-2", loose)  # no config.yaml beside it to compare settings with
+    argv = train_args(root, "random:t5-tiny", "data/seq.jsonl", str(tmp_path / "run"), "--input-column", "dialogue",
+                      "--target-column", "summary", "--resume", str(loose))
+    assert main([*argv, "--targets", "q,k,v"]) == 2  # other adapter weights
+    assert "saved for a different model or config" in capsys.readouterr().err
+    state = torch.load(loose / "trainer_state.pt", weights_only=True)  # the same weights, another run's optimizer
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-1]
+    torch.save(state, loose / "trainer_state.pt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "optimizer state does not fit this run" in err, err
+
+
+def test_generate_file_rows_with_and_without_an_adapter_field(root, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, [{"input": "w1 a b c"}, {"input": "w2 a b c", "adapter": "__base__"},
+                       {"input": "w3 a b c", "adapter": "default"}])
+    capsys.readouterr()
+    assert main(["generate", "-p", str(root / "runs/t5"), "--file", str(rows), "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
 def test_labels_given_in_data_labels_may_be_numbers_and_names(root, tmp_path):
     assert main(train_args(root, "random:bert-tiny", "data/mixed.jsonl", str(tmp_path / "run"),
                            "data.labels=[0, 1, negative]")) == 0

@@ -105,6 +105,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, monkeypa
     with pytest.raises(peftlab.PeftlabError) as err:
         run(tmp_path, "nan", settings)
     assert "loss became nan at step 5: lower --lr or check the data" in one_line(err)
+    assert "checkpoint-4 is untouched (resume from it with --resume latest)" in one_line(err)
+    calls["n"] = 0
+    with pytest.raises(peftlab.PeftlabError) as err:  # without --save-steps nothing was saved: it says so
+        run(tmp_path, "nan-unsaved", {**T5, "run.max_steps": 12})
+    assert "no checkpoint was saved (train with --save-steps N to keep some)" in one_line(err)
     kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "nan").glob("checkpoint-*"))
     assert kept == [1, 2, 3, 4]  # every good step's checkpoint is there
     assert not list((tmp_path / "nan").glob(".checkpoint-*"))
