@@ -77,8 +77,9 @@ def run_peftlab(data: Path, method: str, batch: int, steps: int, out: Path, drop
         "model.name": "random:flan-t5-small", "data.train": str(data), "data.validation": str(validation),
         "data.input_column": "source", "data.target_column": "target", "data.group_by_length": False,
         "data.max_source_length": SOURCE_TOKENS, "data.max_target_length": TARGET_TOKENS,
-        "method.name": method, "method.r": 8, "method.alpha": 16, "method.targets": ["q", "v"],
-        "method.dropout": 0.05 if dropout else 0.0, "model.overrides": None if dropout else {"dropout_rate": 0.0},
+        "method.name": method, "model.overrides": None if dropout else {"dropout_rate": 0.0},
+        **({} if method == "full" else {"method.r": 8, "method.alpha": 16, "method.targets": ["q", "v"],
+                                        "method.dropout": 0.05 if dropout else 0.0}),
         "optim.lr": 1e-4, "run.batch_size": batch, "run.max_steps": steps,
         "run.logging_steps": 1, "run.output": str(out), "run.eval_before": False, "run.seed": 0,
     })

@@ -16,17 +16,23 @@ _EXPORTS = {
     "apply": "peftlab.methods.inject", "merge": "peftlab.methods.inject",
     "merge_and_unload": "peftlab.methods.inject", "remove_adapter": "peftlab.methods.inject",
     "set_active": "peftlab.methods.inject", "unmerge": "peftlab.methods.inject", "load_model": "peftlab.models",
+    "Trainer": "peftlab.train.trainer", "Callback": "peftlab.train.callbacks", "evaluate": "peftlab.eval.api",
+    "generate": "peftlab.eval.api",
 }
-__all__ = ["LoraConfig", "PeftlabError", "apply", "count_parameters", "load_adapter", "load_model", "merge",
-           "merge_and_unload", "remove_adapter", "save_adapter", "set_active", "trainable_line", "unmerge"]
+__all__ = ["Callback", "LoraConfig", "PeftlabError", "Trainer", "apply", "count_parameters", "evaluate", "generate",
+           "load_adapter", "load_model", "merge", "merge_and_unload", "remove_adapter", "save_adapter", "set_active",
+           "trainable_line", "unmerge"]
 
 if TYPE_CHECKING:
     from peftlab.errors import PeftlabError
+    from peftlab.eval.api import evaluate, generate
     from peftlab.measure.sizes import count_parameters, trainable_line
     from peftlab.methods.checkpoint import load_adapter, save_adapter
     from peftlab.methods.inject import apply, merge, merge_and_unload, remove_adapter, set_active, unmerge
     from peftlab.methods.lora import LoraConfig
     from peftlab.models import load_model
+    from peftlab.train.callbacks import Callback
+    from peftlab.train.trainer import Trainer
 
 
 def __getattr__(name: str) -> object:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from peftlab.errors import PeftlabError
+from peftlab.help_defaults import METHOD_NAMES, TRAIN_DEFAULTS
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,17 +48,11 @@ def template_text(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-def _method_names() -> list[str]:
-    from peftlab.train.config import METHOD_NAMES
-
-    return list(METHOD_NAMES)
-
-
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=_method_names(), help="method to apply (default: none, just the base)")
-    g.add_argument("--r", type=int, help="LoRA/DoRA rank (default 8)")
-    g.add_argument("--alpha", type=float, help="LoRA/DoRA alpha (default 8; the seed uses 2 * r)")
+    g.add_argument("--method", choices=METHOD_NAMES, help="method to apply (default: none, just the base)")
+    g.add_argument("--r", type=int, help="LoRA/DoRA/QLoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, help="LoRA/DoRA/QLoRA alpha (default 8; the seed uses 2 * r)")
     g.add_argument("--targets", help="modules to adapt: 'q,v' (names or suffixes), a regex, or 'all-linear' "
                                      "(default: the method's usual modules for the model type)")
     g.add_argument("--dropout", type=float, help="LoRA/DoRA dropout (default 0.0)")
@@ -104,16 +101,8 @@ TRAIN_FLAGS = {
     "--epochs": ("run.epochs", float), "--logging-steps": ("run.logging_steps", int),
     "--eval-steps": ("run.eval_steps", int), "--save-steps": ("run.save_steps", int), "--seed": ("run.seed", int),
     "--device": ("run.device", str), "--output": ("run.output", str), "--resume": ("run.resume", str),
-    "--distributed": ("run.distributed", str),
+    "--distributed": ("run.distributed", str), "--report-to": ("run.report_to", str),
 }
-
-
-def _config_defaults() -> dict[str, object]:
-    """Each config key's default (`method.alpha` -> 16), for the train flags' help."""
-    from peftlab.train.config import TrainConfig
-
-    return {f"{section}.{key}": value for section, fields in TrainConfig().to_dict().items()
-            for key, value in fields.items()}
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -226,93 +215,41 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from peftlab.eval.evaluate import EvalOptions, evaluate
-    from peftlab.eval.runs import load_run
+    from peftlab.eval.api import evaluate
 
-    run = load_run(args.p, args.model)
-    options = EvalOptions(args.data, args.batch_size, args.max_new_tokens, args.num_beams, args.output,
-                          args.compare_base, args.limit)
-    evaluate(run, Path(args.p), options)
+    evaluate(args.p, args.data, args.batch_size, args.max_new_tokens, args.num_beams, args.output, args.compare_base,
+             args.limit, args.model, show=True)
     return 0
 
 
-def _file_rows(args: argparse.Namespace) -> list[dict] | None:
-    """The --file's rows; None when the texts come from the command line (as given)."""
-    if not args.file:
-        if not args.inputs:
-            raise PeftlabError('nothing to generate from: pass texts ("summarize: ...") or --file inputs.jsonl')
-        return None
-    from peftlab.data.loading import load_table
-
-    return list(load_table(args.file))
-
-
-def _prompts(rows: list[dict], template: str | None, source: str) -> list[str]:
-    """A file row's prompt: the run's template filled from the row's columns when it has them all (as in
-    training), otherwise its "input" (or "text") field as given."""
-    from peftlab.data.tasks import required_columns
-
-    fields = required_columns(template, "input", None) if template else []
-    if fields and all(f in rows[0] for f in fields):
-        return [template.format(**r) for r in rows]
-    field = next((f for f in ("input", "text") if f in rows[0]), None)
-    if field is None:
-        wanted = f"the run's template fields {fields} or " if fields else ""
-        raise PeftlabError(f"{source} needs {wanted}an 'input' or 'text' field; it has {sorted(rows[0])}")
-    return [str(r[field]) for r in rows]
-
-
-def _last_loaded(model) -> str:
-    from peftlab.methods.inject import BASE_NAME
-
-    return next(reversed(getattr(model, "peftlab_adapters", {}) or {BASE_NAME: None}))
-
-
-def _row_adapters(rows: list[dict], default: str, source: str) -> list[str]:
-    """Each row's adapter: its 'adapter' field, or for a row without one the adapter --use names (else the last
-    loaded)."""
-    names = []
-    for number, row in enumerate(rows, 1):
-        name = row.get("adapter") or default
-        if not isinstance(name, str):
-            raise PeftlabError(f"{source} row {number}: 'adapter' must be an adapter's name, got {name!r}")
-        names.append(name)
-    return names
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    import contextlib
     import json
 
-    from peftlab.eval.generation import generate
-    from peftlab.eval.runs import load_run
-    from peftlab.methods.checkpoint import load_adapter
-    from peftlab.methods.inject import BASE_NAME, adapters_disabled, per_example_adapters, set_active
+    from peftlab.eval.api import generate
 
-    rows = _file_rows(args)
-    run = load_run(args.p, args.model)
-    data = run.config.data if run.config else None
-    texts = _prompts(rows, data and data.template, args.file) if rows is not None else list(args.inputs)
-    # as eval generates: prompts cut where the run's training cut them
-    max_source_length = args.max_source_length or (data.max_source_length if data else 512)
+    adapters = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
         if not sep:
             raise PeftlabError(f"--adapter wants name=path, got {spec!r}")
-        load_adapter(run.model, path, name)
-    if args.use and args.use != BASE_NAME:
-        set_active(run.model, args.use)
-    if rows is not None and any("adapter" in r for r in rows):
-        context = per_example_adapters(run.model, _row_adapters(rows, args.use or _last_loaded(run.model), args.file))
-    elif args.use == BASE_NAME:
-        context = adapters_disabled(run.model)
-    else:
-        context = contextlib.nullcontext()
-    with context:
-        outputs = generate(run.model, run.tokenizer, texts, run.task, args.batch_size, args.max_new_tokens,
-                           args.num_beams, max_source_length)
-    for text, output in zip(texts, outputs, strict=True):
-        print(json.dumps({"input": text, "output": output}) if args.file else output)
+        adapters[name] = path
+    rows = None
+    if args.file:
+        from peftlab.data.loading import load_table
+
+        rows = list(load_table(args.file))
+    outputs = generate(args.p, args.inputs, rows, adapters, args.use, args.batch_size, args.max_new_tokens,
+                       args.num_beams, args.max_source_length, args.model, source=args.file or "rows")
+    if rows is None:
+        print("\n".join(outputs))
+        return 0
+    from peftlab.eval.api import prompts_of
+    from peftlab.eval.runs import run_config
+
+    config = run_config(Path(args.p))
+    prompts = prompts_of(rows, config.data.template if config else None, args.file)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        print(json.dumps({"input": prompt, "output": output}))
     return 0
 
 
@@ -355,9 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model (LoRA or full) on a dataset")
     p.add_argument("--config", help="YAML config (sections: model, data, method, optim, run)")
-    defaults = _config_defaults()
     for flag, (key, kind) in TRAIN_FLAGS.items():
-        default = "" if defaults[key] is None else f" (default {defaults[key]})"
+        default = "" if TRAIN_DEFAULTS[key] is None else f" (default {TRAIN_DEFAULTS[key]})"
         escapes = r"; \n and \t are a newline and a tab" if kind is template_text else ""
         p.add_argument(flag, type=kind, help=f"sets {key}{default}{escapes}")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
@@ -450,13 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("synth", help="write a seeded synthetic dataset as jsonl")
-    s.add_argument("--task", choices=["sentiment"], default="sentiment")
+    s.add_argument("--task", choices=["sentiment", "summary"], default="sentiment",
+                   help="sentiment: text and label; summary: dialogue and summary (for seq2seq and causal LMs)")
     s.add_argument("-n", type=bounded_int(10**8), default=1000, help="number of examples (at most 100,000,000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True, help="jsonl file to write")
     s.add_argument("--overwrite", action="store_true", help="replace an existing file")
     s.set_defaults(run=cmd_data_synth)
     return parser
+
+
+ARGV_ENV = "PEFTLAB_ARGV"  # the command line `train --nproc` hands to every process torchrun starts
 
 
 def one_line(text: str) -> str:
@@ -471,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             reexec_with_allocator()
         argv = list(sys.argv[1:] if argv is None else argv)
+        if not argv and "WORLD_SIZE" in os.environ and ARGV_ENV in os.environ:  # a process `train --nproc` started
+            argv = json.loads(os.environ[ARGV_ENV])
         args = build_parser().parse_args(argv)
         args.argv = argv
         return args.run(args)

@@ -8,7 +8,6 @@ from conftest import fresh_base
 import peftlab
 from peftlab.cli import main
 from peftlab.methods import parse_targets
-from peftlab.train.config import TrainConfig
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -69,13 +68,32 @@ def test_inspect_bad_input_is_one_line_and_exit_2(capsys):
     assert "choose one of" in capsys.readouterr().err
 
 
+def test_help_needs_no_torch_and_its_defaults_are_the_configs():
+    import subprocess
+    import sys
+
+    from peftlab.cli import TRAIN_FLAGS
+    from peftlab.help_defaults import METHOD_NAMES, TRAIN_DEFAULTS
+    from peftlab.train.config import METHOD_NAMES as methods
+    from peftlab.train.config import key_defaults
+
+    assert METHOD_NAMES == methods
+    defaults = key_defaults()
+    assert TRAIN_DEFAULTS == {key: defaults[key] for key, _ in TRAIN_FLAGS.values()}
+    check = ("import sys; from peftlab.cli import build_parser; p = build_parser(); "
+             "[p.format_help(), p._subparsers._group_actions[0].choices['train'].format_help()]; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "[]"
+
+
 def test_train_help_shows_the_config_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    defaults = TrainConfig()
-    assert f"--alpha ALPHA sets method.alpha (default {defaults.method.alpha})" in text
-    assert f"--dropout DROPOUT sets method.dropout (default {defaults.method.dropout})" in text
+    lora = peftlab.LoraConfig(targets=["q"])  # one set of defaults: the method's own, in Python and on the CLI
+    assert f"--alpha ALPHA sets method.alpha (default {lora.alpha})" in text
+    assert f"--dropout DROPOUT sets method.dropout (default {lora.dropout})" in text
+    assert f"--r R sets method.r (default {lora.r})" in text
     assert "--data DATA sets data.train --validation-data" in text  # no default: none shown
 
 
@@ -88,3 +106,39 @@ def test_template_flag_reads_backslash_n_and_t_as_a_shell_user_means_them(tmp_pa
                  "--template", r"Q:\t{question}\nA: \\n", "--max-steps", "1", "--output", str(tmp_path / "o")]) == 0
     saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert saved["data"]["template"] == "Q:\t{question}\nA: \\n"  # an escaped backslash stays one
+
+
+@pytest.mark.parametrize("method", sorted(peftlab.methods.METHODS))
+def test_a_yaml_method_section_sets_every_field_of_that_methods_class(tmp_path, method):
+    import dataclasses
+
+    import yaml
+
+    from peftlab.methods import METHODS, build_config
+    from peftlab.train.config import RECORDED, load_config
+
+    cls = METHODS[method]
+    own = {f.name: f for f in dataclasses.fields(cls) if f.name not in RECORDED}
+    values = {name: getattr(cls, name) for name, f in own.items()
+              if f.default is not dataclasses.MISSING and f.default is not None}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": method, **values}, "data": {"train": "x.jsonl"}}))
+    config = load_config(path).validate()
+    built = build_config(method, "t5", **config.method_fields())
+    assert isinstance(built, cls) and all(getattr(built, k) == v for k, v in values.items())
+    other, value = next((f.name, f.default) for c in METHODS.values() for f in dataclasses.fields(c)
+                        if f.name not in cls.field_names() and f.default not in (None, dataclasses.MISSING))
+    path.write_text(yaml.safe_dump({"method": {"name": method, other: value}, "data": {"train": "x.jsonl"}}))
+    with pytest.raises(peftlab.PeftlabError, match=f"method.{other} is a setting of .*, not of {method}"):
+        load_config(path).validate()
+
+
+def test_python_and_yaml_share_the_methods_defaults():
+    from peftlab.methods import METHODS, build_config
+    from peftlab.train.config import TrainConfig
+
+    config = TrainConfig()
+    for method in METHODS:
+        config.method.name = method
+        built = build_config(method, "t5", **config.method_fields())
+        assert built == build_config(method, "t5"), method  # nothing the YAML adds of its own

@@ -137,3 +137,13 @@ def test_leaving_waits_for_the_others_only_after_a_finished_run(monkeypatch):
     calls.clear()
     distributed.stop(distributed.SINGLE)
     assert calls == []
+
+
+def test_every_peftlab_flag_passes_through_nproc_untouched(tmp_path, seq_data):
+    import yaml
+
+    # --r alone is an ambiguous abbreviation of torchrun's own options: it must never reach torchrun's parser
+    torchrun(config_yaml(tmp_path, seq_data, **{"run.max_steps": 2}), tmp_path / "flags", "--r", "4", "--alpha", "8",
+             "--lr", "0.02")
+    saved = yaml.safe_load((tmp_path / "flags" / "config.yaml").read_text())
+    assert (saved["method"]["r"], saved["method"]["alpha"], saved["optim"]["lr"]) == (4, 8, 0.02)

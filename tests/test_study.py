@@ -48,7 +48,8 @@ def test_summary_rows_match_each_runs_own_metrics(swept):
         logs = [r for r in read_metrics(run) if "loss" in r]
         assert row["trainable_params"] == results["trainable_params"]
         assert row["final_loss"] == round(logs[-1]["loss"], 4)
-        assert row["eval_value"] == round(results["eval_after"]["eval_loss"], 4)
+        assert row["eval_metric"] == "eval_rougeL"  # a seq2seq sweep is ranked by its task's metric, not the loss
+        assert row["eval_value"] == round(results["eval_after"]["eval_rougeL"], 4)
         assert row["peak_memory_mb"] == round(max(r["peak_memory_mb"] for r in logs), 1)
     assert rows[1]["trainable_params"] == 2 * rows[0]["trainable_params"]  # LoRA params are linear in r
     csv_lines = (directory / "summary.csv").read_text().splitlines()
@@ -136,3 +137,16 @@ def test_study_seed_part_a_prints_the_seeds_lines_exactly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(line in out for line in SEED_TRAINABLE_LINES.values())
     assert "| True |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_sweep_of_every_kind_of_method_picks_by_rouge_and_reports(tmp_path):
+    data = write_jsonl(seq_rows(40), tmp_path / "data.jsonl")
+    fixed = ["model.name=random:t5-tiny", f"data.train={data}", "data.input_column=dialogue",
+             "data.target_column=summary", "run.max_steps=2", "run.logging_steps=1", "run.batch_size=8",
+             "run.eval_before=false"]
+    rows = sweep(None, ["method=lora,ia3,prompt_tuning,full", "r=4"], tmp_path / "sweep", fixed)
+    assert [r["point"] for r in rows] == ["method=lora,r=4", "method=ia3", "method=prompt_tuning", "method=full"]
+    assert {r["eval_metric"] for r in rows} == {"eval_rougeL"} and [r["r"] for r in rows] == [4, "", "", ""]
+    assert "the best eval_rougeL" in pick(rows) or "Best eval_rougeL" in pick(rows)
+    assert main(["report", str(tmp_path / "sweep"), "-o", str(tmp_path / "report")]) == 0
+    assert "eval_rougeL" in (tmp_path / "report" / "report.md").read_text()

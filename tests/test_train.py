@@ -285,7 +285,8 @@ def test_linear_backend_reaches_the_model_and_keeps_the_math(tmp_path, capsys, m
     """`run.linear_backend=onednn` switches the linear layers and their products (the line says so), and trains
     to torch's logged losses and gradient norms, with the products' sums in another order."""
     common = {"model.name": "random:t5-tiny", "method.name": method, "run.max_steps": 3, "run.logging_steps": 1,
-              "model.overrides": {"dropout_rate": 0.0}, "method.dropout": 0.0, "optim.lr": 1e-3, **TASKS["t5-tiny"]}
+              "model.overrides": {"dropout_rate": 0.0}, "optim.lr": 1e-3, **TASKS["t5-tiny"],
+              **({"method.dropout": 0.0} if method == "lora" else {})}  # full fine-tuning has no LoRA dropout
     by_torch = run(tmp_path, "torch", {**common, "run.linear_backend": "torch"})
     printed = capsys.readouterr().out
     assert "Linear products: torch (run.linear_backend=torch)" in printed and "oneDNN products" not in printed
@@ -426,7 +427,9 @@ def test_validation_shows_its_own_bar_beside_trainings_and_removes_it(tmp_path, 
 
     bars: list[ProgressReporter] = []
     monkeypatch.setattr(loop, "score", watching_score)
-    monkeypatch.setattr(loop, "ProgressReporter", lambda *a, **k: bars.append(ProgressReporter(*a, **k)) or bars[-1])
+    from peftlab.train import callbacks
+    monkeypatch.setattr(callbacks, "ProgressReporter",
+                        lambda *a, **k: bars.append(ProgressReporter(*a, **k)) or bars[-1])
     result = run(tmp_path, "bar", {"model.name": "random:t5-tiny", "run.max_steps": 4, "run.eval_steps": 2,
                                    **TASKS["t5-tiny"]}, progress=True)
     batches = math.ceil(5 / 8)  # 48 rows, 10% held out, batch 8

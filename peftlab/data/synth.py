@@ -42,7 +42,15 @@ def sentiment_example(rng: random.Random) -> dict[str, str]:
     return {"text": text[0].upper() + text[1:], "label": "positive" if positive else "negative"}
 
 
-TASKS = {"sentiment": sentiment_example}
+def summary_example(rng: random.Random) -> dict[str, str]:
+    """A dialogue-like line of words and its summary: the subjects it mentions, in order."""
+    subjects = [s.split()[-1] for s in SUBJECTS]
+    words = [rng.choice(subjects + POSITIVE + NEGATIVE) for _ in range(12)]
+    summary = " ".join(w for w in words if w in subjects) or "nothing"
+    return {"dialogue": " ".join(words), "summary": summary}
+
+
+TASKS = {"sentiment": sentiment_example, "summary": summary_example}
 
 
 def generate(task: str, n: int, seed: int) -> list[dict[str, str]]:

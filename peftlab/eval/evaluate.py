@@ -6,6 +6,7 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -27,7 +28,7 @@ from peftlab.train.config import DataSection
 
 @dataclass
 class EvalOptions:
-    data: str | None = None  # default: the run's validation data
+    data: Any = None  # a file (default: the run's validation data), or in Python a Dataset or a list of dicts
     batch_size: int = 8
     max_new_tokens: int = 64
     num_beams: int = 1
@@ -42,7 +43,11 @@ def _data_settings(run: LoadedRun) -> DataSection:
 
 def _rows(run: LoadedRun, options: EvalOptions) -> list[dict]:
     settings = _data_settings(run)
-    if options.data:
+    if options.data is not None and not isinstance(options.data, str):  # a Dataset or a list of dicts
+        from peftlab.train.setup import as_table
+
+        table, source = as_table(options.data, None, settings.column_names, "the evaluation data")
+    elif options.data:
         table = load_table(options.data, column_names=settings.column_names)
         source = options.data
     elif run.config and (settings.validation or settings.train):
@@ -53,6 +58,9 @@ def _rows(run: LoadedRun, options: EvalOptions) -> list[dict]:
             from peftlab.train.setup import read_tables
 
             table, source = read_tables(run.config)[1], f"{settings.train} (held-out validation split)"
+    elif run.config:
+        raise PeftlabError("no evaluation data: the run was trained on data passed as objects, so pass --data FILE "
+                           "(in Python, data= a file, a Dataset or a list of dicts)")
     else:
         raise PeftlabError("no evaluation data: pass --data FILE (the checkpoint has no run config naming one)")
     require_columns(table, required_columns(settings.template, settings.input_column, settings.target_column,

@@ -50,3 +50,13 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
 
 def label_metrics(predictions: Sequence, references: Sequence) -> dict[str, float]:
     return {"accuracy": accuracy(predictions, references), "macro_f1": macro_f1(predictions, references)}
+
+
+# what run.eval_metrics, eval and sweeps compute for each task; the first is the one a sweep picks by
+TASK_METRICS = {"seq2seq": text_metrics, "causal": text_metrics, "classification": label_metrics}
+PICK_METRIC = {"seq2seq": "rougeL", "causal": "rougeL", "classification": "accuracy"}
+
+
+def task_metrics(task: str, predictions: Sequence, references: Sequence) -> dict[str, float]:
+    """The metrics of `task` (ROUGE and exact match for generation, accuracy and macro-F1 for labels)."""
+    return TASK_METRICS[task](predictions, references)

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.eval.metrics import PICK_METRIC
 from peftlab.io import holds_run, load_yaml, output_lock, refuse_run_output, write_text
-from peftlab.train.config import TrainConfig, changed_settings, full_key, load_config
+from peftlab.methods import METHODS
+from peftlab.models import resolve_task
+from peftlab.train.config import TrainConfig, changed_settings, full_key, load_config, method_default
 from peftlab.train.monitor import read_log
 
 ALIASES = {"method": "method.name", "rank": "method.r"}
@@ -42,15 +45,18 @@ class Grid:
     derived: dict[str, tuple[float, str]]  # full key -> (factor, full key it multiplies)
 
     def points(self) -> list[dict[str, Any]]:
-        """Every combination, with derived keys filled in; for full fine-tuning rank and alpha are dropped."""
+        """Every combination, with derived keys filled in; a method setting the point's method does not have is
+        dropped (rank and alpha for full fine-tuning or IA3)."""
         keys = list(self.values)
         seen, points = set(), []
         for combo in itertools.product(*(self.values[k] for k in keys)):
             point: dict[str, Any] = dict(zip(keys, combo, strict=True))
             for key, (factor, source) in self.derived.items():
                 point[key] = _number(factor * float(point[source]))
-            if point.get("method.name") == "full":
-                point = {k: v for k, v in point.items() if not k.startswith(("method.r", "method.alpha"))}
+            if "method.name" in point:
+                own = METHODS[point["method.name"]].field_names() if point["method.name"] in METHODS else set()
+                point = {k: v for k, v in point.items()
+                         if not k.startswith("method.") or k == "method.name" or k.split(".")[1] in own}
             name = point_name(point)
             if name not in seen:
                 seen.add(name)
@@ -174,10 +180,14 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
     config = load_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
     results = json.loads((run_dir / "results.json").read_text())
     logs = [r for r in read_metrics(run_dir) if "loss" in r]
-    metric = next((k for k in ("eval_accuracy", "eval_loss") if k in (results["eval_after"] or {})), None)
-    lora = config["method"]["name"] in ("lora", "dora", "qlora")
-    return {"point": run_dir.name, "method": config["method"]["name"],
-            "r": config["method"]["r"] if lora else "", "alpha": config["method"]["alpha"] if lora else "",
+    method = config["method"]["name"]
+    task = config["model"].get("task") or resolve_task(config["model"]["name"])
+    evaluated = results["eval_after"] or {}
+    metric = next((k for k in (f"eval_{PICK_METRIC[task]}", "eval_accuracy", "eval_loss") if k in evaluated), None)
+    ranked = method in METHODS and "r" in METHODS[method].field_names()  # a method with a rank and an alpha
+    return {"point": run_dir.name, "method": method,
+            "r": config["method"].get("r") or method_default("r", method) if ranked else "",
+            "alpha": config["method"].get("alpha") or method_default("alpha", method) if ranked else "",
             "trainable_params": results["trainable_params"],
             "trainable_pct": round(100 * results["trainable_params"] / results["all_params"], 4),
             "peak_memory_mb": round(results["peak_memory_mb"], 1),
@@ -203,7 +213,7 @@ def pick(rows: list[dict[str, Any]], tolerance: float = PICK_TOLERANCE) -> str |
         return ("No pick: these runs train different models or data, so their evaluations do not compare; "
                 "report the runs of one model on one dataset together.")
     metric = metrics.pop()
-    sign = -1 if metric == "eval_loss" else 1  # loss: lower is better; accuracy: higher
+    sign = -1 if metric == "eval_loss" else 1  # loss: lower is better; accuracy, ROUGE: higher
     best = max(rows, key=lambda r: sign * r["eval_value"])
     close = [r for r in rows if sign * (best["eval_value"] - r["eval_value"]) <= tolerance * abs(best["eval_value"])]
     lean = min(close, key=lambda r: (r["trainable_params"], r["peak_memory_mb"]))

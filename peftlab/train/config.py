@@ -44,21 +44,34 @@ class DataSection:
     group_by_length: bool = True
 
 
-@dataclass
-class MethodSection:
-    name: str = "lora"  # lora | dora | qlora | ia3 | ln_tuning | bitfit | houlsby | prompt_tuning | said | did | full
-    r: int = 8  # lora, dora
-    alpha: float = 16  # lora, dora
-    targets: list[str] | str | None = None  # default: per method and model type (lora: attention q and v)
-    dropout: float = 0.05  # lora, dora
-    bias: str = "none"  # lora, dora
-    use_rslora: bool = False  # lora, dora
-    modules_to_save: list[str] | None = None  # default for classification: the head
-    feedforward: list[str] | None = None  # ia3: targets whose input is scaled (default per model type)
-    bottleneck: int = 64  # houlsby: the adapter's inner size m
-    num_virtual_tokens: int = 20  # prompt_tuning: length of the soft prompt
-    d: int = 1000  # said, did: the subspace (intrinsic) dimension
-    parameters: str = ".*"  # said, did: the parameters moved in the subspace (regex over parameter names)
+RECORDED = {"base_model_name_or_path", "task_type"}  # what a method config records about the base, not a setting
+
+
+def _method_section() -> type:
+    """The `method` section: `name` (a method, or "full") and every field of every method's config class, each
+    None unless set, which means that method's own default. Built from the classes, so YAML, flags and Python
+    (`peftlab.LoraConfig(...)`) share one set of fields and defaults; `TrainConfig.validate` refuses a field the
+    named method does not have."""
+    fields: dict[str, Any] = {}
+    for cls in METHODS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in RECORDED:
+                fields.setdefault(f.name, hints[f.name])
+    return dataclasses.make_dataclass(
+        "MethodSection", [("name", str, field(default="lora")),
+                          *((name, kind | None, field(default=None)) for name, kind in fields.items())])
+
+
+MethodSection = _method_section()
+
+
+def method_default(key: str, method: str = "lora") -> Any:
+    """The default of a method field: `method`'s own, else the first method that has the field."""
+    owners = [METHODS[method]] if method in METHODS and key in METHODS[method].field_names() else \
+        [c for c in METHODS.values() if key in c.field_names()]
+    f = next(f for f in dataclasses.fields(owners[0]) if f.name == key)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -82,6 +95,9 @@ class RunSection:
     logging_steps: int = 10
     eval_steps: int | None = None  # default: once at the end
     eval_before: bool = True  # score the validation set before the first step too
+    # each validation also computes the task's metrics: ROUGE/exact match from greedy generation (seq2seq, causal;
+    # up to max_target_length new tokens) or accuracy/macro-F1 (classification), and a Trainer's compute_metrics
+    eval_metrics: bool = True
     save_steps: int | None = None  # default: only the final adapter
     save_total_limit: int = 2
     seed: int = 42
@@ -95,6 +111,7 @@ class RunSection:
     # auto | torch | onednn: fp32 CPU linear products (auto: oneDNN on x86 CPUs not made by Intel, where MKL is
     # slower; same math, train/products.py)
     linear_backend: str = "auto"
+    report_to: list[str] | None = None  # trackers: tensorboard, mlflow, wandb, trackio (train/tracking.py)
     resume: str | None = None  # a checkpoint dir, or "latest"
     distributed: str = "ddp"  # ddp | fsdp: how several processes (torchrun, --nproc) share the work
     overwrite: bool = False
@@ -109,21 +126,26 @@ class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as a dict; the method section lists the settings given (the rest are its defaults)."""
+        raw = dataclasses.asdict(self)
+        raw["method"] = {"name": self.method.name, **self.method_fields()}
+        return raw
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def validate(self) -> TrainConfig:
+    def validate(self, data_given: bool = False) -> TrainConfig:
+        """Refuse any setting out of range; `data_given`: the training data comes as an object, not data.train."""
         for key, value in self.numbers():
             if not math.isfinite(value):
                 raise PeftlabError(f"{key} must be a finite number, got {value}")
         m = self.method
+        self._check_method_fields()
         checks = [
-            (m.r >= 1, "method.r (the rank) must be at least 1"),
-            (m.alpha > 0, "method.alpha must be > 0 (the seed uses 2 * r)"),
-            (0 <= m.dropout < 1, "method.dropout must be in [0, 1)"),
-            (m.bottleneck >= 1 and m.num_virtual_tokens >= 1 and m.d >= 1,
+            (m.r is None or m.r >= 1, "method.r (the rank) must be at least 1"),
+            (m.alpha is None or m.alpha > 0, "method.alpha must be > 0 (the seed uses 2 * r)"),
+            (m.dropout is None or 0 <= m.dropout < 1, "method.dropout must be in [0, 1)"),
+            (all(v is None or v >= 1 for v in (m.bottleneck, m.num_virtual_tokens, m.d)),
              "method.bottleneck, method.num_virtual_tokens and method.d must be at least 1"),
             (0 <= self.run.seed < 2**32, f"run.seed must be in [0, {2**32 - 1}], got {self.run.seed}"),
             (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.run.device) is not None,
@@ -164,7 +186,8 @@ class TrainConfig:
             (self.model.task in (None, "seq2seq", "causal", "classification"),
              "model.task must be seq2seq, causal or classification"),
             (0 < self.data.validation_fraction < 1, "data.validation_fraction must be in (0, 1)"),
-            (self.data.train is not None, "no training data: pass --data FILE (jsonl, json, csv, tsv or parquet)"),
+            (data_given or self.data.train is not None,
+             "no training data: pass --data FILE (jsonl, json, csv, tsv or parquet)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -172,6 +195,27 @@ class TrainConfig:
         for key in ("targets", "feedforward"):
             check_pattern(getattr(m, key), f"method.{key}")
         return self
+
+    def _check_method_fields(self) -> None:
+        """Each method field set belongs to the named method (`block_size` is QLoRA's, not IA3's)."""
+        name = self.method.name
+        own = METHODS[name].field_names() if name in METHODS else set()
+        for key, value in dataclasses.asdict(self.method).items():
+            if key != "name" and value is not None and key not in own:
+                owners = [n for n, cls in METHODS.items() if key in cls.field_names()]
+                raise PeftlabError(f"method.{key} is a setting of {', '.join(owners)}, not of {name}: drop it, or set "
+                                   f"method.name to {owners[0]}")
+
+    def resolved_method(self) -> dict[str, Any]:
+        """Every setting of the named method, defaults filled in: what two runs must share to be the same method."""
+        name = self.method.name
+        own = sorted(METHODS[name].field_names() - RECORDED) if name in METHODS else []
+        given = self.method_fields()
+        return {"name": name, **{k: given[k] if k in given else method_default(k, name) for k in own}}
+
+    def method_fields(self) -> dict[str, Any]:
+        """The method settings given (those left out take the method's defaults)."""
+        return {k: v for k, v in dataclasses.asdict(self.method).items() if k != "name" and v is not None}
 
     def numbers(self) -> list[tuple[str, float]]:
         """Every numeric setting as (`section.key`, value), lists' items included."""
@@ -186,6 +230,16 @@ class TrainConfig:
 
 METHOD_NAMES = (*METHODS, "full")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def key_defaults() -> dict[str, Any]:
+    """Each config key's default (`method.alpha` -> 8, LoRA's own): what `train --help` shows
+    (peftlab/help_defaults.py holds a copy that needs no torch; a test keeps the two equal)."""
+    config = TrainConfig()
+    defaults = {f"{section}.{f.name}": getattr(getattr(config, section), f.name)
+                for section in SECTIONS for f in dataclasses.fields(getattr(config, section))}
+    return {k: method_default(k.split(".")[1]) if k.startswith("method.") and k != "method.name" else v
+            for k, v in defaults.items()}
 
 
 def changed_settings(saved: dict[str, dict], now: dict[str, dict], sections: list[str]) -> list[str]:
@@ -213,8 +267,13 @@ def _suggest(key: str) -> str:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check a value against the field's type; a string for a non-string field is read as YAML ("16", "[q, v]")."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    origins = [typing.get_origin(kind) or kind for kind in allowed]
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    allowed = typing.get_args(annotation) if union else (annotation,)
+    literals = [a for kind in allowed if typing.get_origin(kind) is typing.Literal for a in typing.get_args(kind)]
+    if literals and value in literals:
+        return value
+    origins = [typing.get_origin(kind) or kind for kind in allowed if typing.get_origin(kind) is not typing.Literal]
+    origins += [type(a) for a in literals][:1]
     if value == "" and type(None) in origins:
         return None
     if isinstance(value, str) and str not in origins:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -218,6 +219,11 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         raise PeftlabError(f"--nproc must be at least 1, got {nproc}")
     if "WORLD_SIZE" in os.environ:
         raise PeftlabError("--nproc inside a torchrun launch: drop --nproc, torchrun already started the processes")
+    from peftlab.cli import ARGV_ENV
+
+    # peftlab's flags travel in the environment: on torchrun's command line its own parser would read them
+    # (--r is an abbreviation of several of its options)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "peftlab", *argv]
-    return subprocess.call(command)
+               "-m", "peftlab"]
+    return subprocess.call(command, env={**os.environ, ARGV_ENV: json.dumps(list(argv))})
+

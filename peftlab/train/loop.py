@@ -17,19 +17,22 @@ import torch
 
 from peftlab.data.batching import batch_order, batch_tokens, collate
 from peftlab.errors import PeftlabError, first_line
+from peftlab.eval.generation import generate
+from peftlab.eval.metrics import task_metrics
 from peftlab.eval.scoring import score
 from peftlab.io import output_lock, write_text
 from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
-from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, check_lengths, load_model, resolve_task
+from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, check_lengths, default_task, load_model, resolve_task
 from peftlab.train import distributed, products, setup
 from peftlab.train.allocator import allocator_in_use
-from peftlab.train.config import TrainConfig
+from peftlab.train.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
+from peftlab.train.config import TrainConfig, method_default
 from peftlab.train.distributed import SINGLE, World
 from peftlab.train.lean import clipped_step, gradient_norms, make_lean, sparse_embedding_gradients
 from peftlab.train.loss import training_loss
-from peftlab.train.monitor import MetricsLog, ProgressReporter, is_finite, log_line, module_grad_norms
+from peftlab.train.monitor import is_finite, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.state import (
     find_checkpoint,
@@ -40,6 +43,7 @@ from peftlab.train.state import (
     save_checkpoint,
     set_rng_state,
 )
+from peftlab.train.tracking import make_trackers
 
 
 @dataclass
@@ -49,6 +53,7 @@ class RunResult:
     logs: list[dict[str, Any]] = field(default_factory=list)
     eval_before: dict[str, float] | None = None
     eval_after: dict[str, float] | None = None
+    model: Any = field(default=None, repr=False)  # the trained model, adapters in place (rank 0's, unwrapped)
 
 
 class MicroBatches:
@@ -92,10 +97,23 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
+@dataclass
+class Inputs:
+    """What a Python caller hands over instead of names in the config (None: built from the config)."""
+
+    model: torch.nn.Module | None = None  # with or without a method applied
+    tokenizer: Any = None
+    train: Any = None  # a datasets.Dataset
+    validation: Any = None
+    compute_metrics: Any = None  # (predictions, references) -> {name: value}
+    callbacks: list[Callback] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, progress: bool | None = None, inputs: Inputs | None = None) -> RunResult:
     """Run one training job as configured; returns where it wrote and what it logged. Under torchrun every
     process calls this; rank 0 prints and writes."""
-    cfg.validate()
+    inputs = inputs or Inputs()
+    cfg.validate(data_given=inputs.train is not None)
     world = distributed.world_from_env(cfg.run.distributed)
     distributed.check_batch(world, cfg.run.batch_size)
     if cfg.run.recompute_linear and world.distributed and world.strategy == "fsdp":
@@ -104,10 +122,12 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
     quiet = contextlib.redirect_stdout(io.StringIO()) if not world.is_main else contextlib.nullcontext()
     # rank 0 writes the run, so it holds the output for all of them
     lock = output_lock(cfg.run.output, "train") if world.is_main else contextlib.nullcontext()
+    trackers = make_trackers(cfg.run.report_to or []) if world.is_main else []  # only rank 0 reports
+    events = Callbacks([MetricsFile(), ProgressBar(progress), *trackers, *inputs.callbacks] if world.is_main else [])
     device = distributed.start(world, setup.resolve_device(cfg.run.device))
     try:
         with quiet, lock:
-            result = _train(cfg, world, device, progress if world.is_main else False)
+            result = _train(cfg, world, device, inputs, events)
     except BaseException:
         distributed.stop(world, finished=False)
         raise
@@ -115,24 +135,17 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> RunResult:
     return result
 
 
-def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool | None) -> RunResult:
+def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs, events: Callbacks) -> RunResult:
     baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
     out = setup.check_output(cfg)  # only checked: bad data or config below leave it as it was
     onednn = device.type == "cpu" and cfg.run.lean_kernels and products.wants_onednn(cfg.run.linear_backend)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     setup.absolute_local_paths(cfg)  # eval -p rebuilds the base and the held-out split from any directory
-    task = resolve_task(cfg.model.name, cfg.model.task)
-    tables = setup.read_tables(cfg)
-    labels = setup.label_set(cfg, tables[0]) if task == "classification" else []
-    # A random preset names one model, the one eval, generate and merge rebuild from the adapter's base name:
-    # run.seed seeds what the run adds to it, never its weights (for a pretrained model: a new head's init).
-    base_seed = DEFAULT_SEED if cfg.model.name.startswith(RANDOM_PREFIX) else cfg.run.seed
-    model, tokenizer = load_model(cfg.model.name, task=task, num_labels=max(len(labels), 2), seed=base_seed,
-                                  overrides=cfg.model.overrides)
-    if base_seed != cfg.run.seed:
-        torch.manual_seed(cfg.run.seed)  # load_model seeded the preset's weights: the run's own draws follow run.seed
-    virtual = cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0
+    model, tokenizer, task, tables, labels = _model_and_data(cfg, inputs)
+    virtual = 0
+    if cfg.method.name == "prompt_tuning":
+        virtual = cfg.method.num_virtual_tokens or method_default("num_virtual_tokens", "prompt_tuning")
     check_lengths(model.config, task, cfg.data.max_source_length, cfg.data.max_target_length, virtual)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
@@ -145,15 +158,38 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, progress: bool 
     model.to(device).train()
     cfg.data.labels = labels or None
     resumed = _resume_weights(out, cfg, model, world) if cfg.run.resume else None  # before anything is written
+    validate = Validator(cfg, data, tokenizer, task, inputs.compute_metrics)
     with setup.replacing_output(cfg, world.is_main):  # --overwrite sets the old run aside only now
         if world.is_main:
             write_text(out / "config.yaml", cfg.to_yaml())
-        return _report_and_fit(cfg, world, device, model, tokenizer, data, out, task, progress, baseline_mb,
-                               resumed, onednn, lean)
+        _report(cfg, world, model, lean, onednn)
+        with products.linear_backend(onednn):
+            return _fit(cfg, model, tokenizer, data, device, out, task, world, baseline_mb, resumed, events, validate)
 
 
-def _report_and_fit(cfg, world, device, model, tokenizer, data, out, task, progress, baseline_mb, resumed, onednn,
-                    lean) -> RunResult:
+def _model_and_data(cfg: TrainConfig, inputs: Inputs):
+    """The model, tokenizer, task, (train, validation) tables and labels: the caller's where given, else built
+    from the config's names."""
+    if inputs.model is not None:
+        model, tokenizer = inputs.model, inputs.tokenizer
+        setup.describe_given_model(cfg, model)
+        task = cfg.model.task or default_task(model.config)
+    else:
+        task = resolve_task(cfg.model.name, cfg.model.task)
+    tables = setup.read_tables(cfg, inputs.train, inputs.validation)
+    labels = setup.label_set(cfg, tables[0]) if task == "classification" else []
+    if inputs.model is None:
+        # A random preset names one model, the one eval, generate and merge rebuild from the adapter's base name:
+        # run.seed seeds what the run adds to it, never its weights (for a pretrained model: a new head's init).
+        base_seed = DEFAULT_SEED if cfg.model.name.startswith(RANDOM_PREFIX) else cfg.run.seed
+        model, tokenizer = load_model(cfg.model.name, task=task, num_labels=max(len(labels), 2), seed=base_seed,
+                                      overrides=cfg.model.overrides)
+        if base_seed != cfg.run.seed:
+            torch.manual_seed(cfg.run.seed)  # load_model seeded the preset's weights: the run's draws follow run.seed
+    return model, tokenizer, task, tables, labels
+
+
+def _report(cfg: TrainConfig, world: World, model, lean: list[str], onednn: bool) -> None:
     print(f"Config: {json.dumps(cfg.to_dict())}")
     for config in getattr(model, "peftlab_adapters", {}).values():
         print(f"Using {config.method.upper()}: {config}")
@@ -165,8 +201,6 @@ def _report_and_fit(cfg, world, device, model, tokenizer, data, out, task, progr
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
     print(f"Linear products: {'oneDNN' if onednn else 'torch'} (run.linear_backend={cfg.run.linear_backend})")
-    with products.linear_backend(onednn):
-        return _fit(cfg, model, tokenizer, data, device, out, task, progress, world, baseline_mb, resumed)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, sharded: bool = False):
@@ -181,15 +215,13 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, shard
     return trainable, optimizer, scheduler
 
 
-def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World, baseline_mb: float,
-         state: dict[str, Any] | None) -> RunResult:
+def _fit(cfg, model, tokenizer, data, device, out, task, world: World, baseline_mb: float,
+         state: dict[str, Any] | None, events: Callbacks, validate: Validator) -> RunResult:
     r = cfg.run
     stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id, world)
     steps_per_epoch = max(1, math.ceil(len(stream) / r.grad_accum))
     total = r.max_steps or max(1, math.ceil(r.epochs * steps_per_epoch))
-    val_batches = [collate([data.validation[i] for i in b], tokenizer.pad_token_id)
-                   for b in batch_order([len(e["input_ids"]) for e in data.validation], r.batch_size, 0, False)]
-    result = RunResult(out, total)
+    result = RunResult(out, total, model=model)
     wrapped = distributed.wrap(model, _loss_function(cfg, model, task, world), world, device)
     trainable, optimizer, scheduler = _optimizer(cfg, model, total, sharded=world.strategy == "fsdp")
     step = 0
@@ -198,13 +230,13 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
     else:
         if world.distributed:  # same init everywhere (above); different dropout draws per process from here
             torch.manual_seed(r.seed + world.rank)
-    log = MetricsLog(out / "metrics.jsonl", resumed_at=step if state is not None else None) if world.is_main else None
     # what a resumed run's first log line averages over: the steps since the last line, before the checkpoint too
     window = LogWindow(**state.get("log_window", {})) if state is not None else LogWindow()
-    bar = ProgressReporter(total, start=step, enabled=progress)
+    events.on_train_begin(RunInfo(out, total, step, cfg, model))
     try:
         if state is None and r.eval_before:
-            result.eval_before = _validate(model, val_batches, device, bar)
+            result.eval_before = validate(model, device, events)
+            events.on_evaluate(result.eval_before)
         while step < total:
             t0 = time.perf_counter()
             loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, step, task)
@@ -216,51 +248,87 @@ def _fit(cfg, model, tokenizer, data, device, out, task, progress, world: World,
                                                               module_norms=is_log_step)
             step += 1
             window.add(loss, tokens, time.perf_counter() - t0)
-            bar.advance()
+            events.on_step_end(step)
             if is_log_step:
                 record = _log_record(window, grad_norm, learning_rate, stream.fractional_epoch, step, norms,
                                      device, world)
-                bar.print(log_line(record["loss"], grad_norm, learning_rate, record["epoch"]))
-                _write(log, record)
+                events.on_log(record)
                 result.logs.append(record)
                 window = LogWindow()
             if r.eval_steps and step % r.eval_steps == 0 and step < total:
-                metrics = {"step": step, **_validate(model, val_batches, device, bar)}
-                bar.print(str(metrics))
-                _write(log, metrics)
+                events.on_evaluate({"step": step, **validate(model, device, events)})
             if r.save_steps and step % r.save_steps == 0:
-                _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world, window)
-        result.eval_after = _validate(model, val_batches, device, bar)
+                checkpoint = _save_checkpoint(cfg, out, step, model, optimizer, scheduler, stream, world, window)
+                events.on_save(checkpoint)
+        result.eval_after = validate(model, device, events)
+        events.on_evaluate({"step": step, "final": True, **result.eval_after})
     except KeyboardInterrupt:
         if world.is_main:
             print(interrupted_hint(out, step), file=sys.stderr)
         raise
     finally:
-        bar.close()
-    _write(log, {"step": step, "final": True, **result.eval_after})
+        events.close()
     peak_above_baseline = peak_memory_bytes(device) - baseline_mb * 2**20
     memory = measured_parts(peak_above_baseline, model, optimizer)  # this process's share under FSDP
     with distributed.full_weights(model, world):
         if world.is_main:
-            log.close()
             setup.save_final(model, out, tokenizer)
             trainable, total = count_parameters(model)
-            write_text(out / "results.json", json.dumps({
-                "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
-                "trainable_params": trainable, "all_params": total, "baseline_memory_mb": baseline_mb,
-                "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None),
-                "memory_mb": memory.as_mb(), "allocator": allocator_in_use()}, indent=2))
+            results = {"steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
+                       "trainable_params": trainable, "all_params": total, "baseline_memory_mb": baseline_mb,
+                       "peak_memory_mb": max((r["peak_memory_mb"] for r in result.logs), default=None),
+                       "memory_mb": memory.as_mb(), "allocator": allocator_in_use()}
+            write_text(out / "results.json", json.dumps(results, indent=2))
+            events.on_train_end(results)
     return result
 
 
-def _validate(model, val_batches: list, device: torch.device, bar: ProgressReporter) -> dict[str, float]:
-    with bar.phase("validation", len(val_batches)) as advance:
-        return score(model, val_batches, device, on_batch=advance)
+class Validator:
+    """Scores the validation set: the loss (and perplexity, or accuracy), and with run.eval_metrics the task's own
+    metrics (ROUGE and exact match from greedy generation for seq2seq and causal LMs, accuracy and macro-F1 for
+    classification) and a user's `compute_metrics(predictions, references)`."""
 
+    def __init__(self, cfg: TrainConfig, data, tokenizer, task: str, compute_metrics=None) -> None:
+        pad = tokenizer.pad_token_id
+        self.batches = [collate([data.validation[i] for i in b], pad) for b in
+                        batch_order([len(e["input_ids"]) for e in data.validation], cfg.run.batch_size, 0, False)]
+        self.cfg, self.data, self.tokenizer, self.task = cfg, data, tokenizer, task
+        self.compute_metrics = compute_metrics
+        self.predicts = cfg.run.eval_metrics and bool(cfg.data.target_column) and not cfg.data.pack
 
-def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:
-    if log is not None:
-        log.write(record)
+    def __call__(self, model, device: torch.device, events: Callback) -> dict[str, float]:
+        with events.phase("validation", len(self.batches)) as advance:
+            metrics = score(model, self.batches, device, on_batch=advance)
+        if self.predicts:
+            predictions, references = self.predictions(model, device)
+            found = task_metrics(self.task, predictions, references)
+            if self.compute_metrics is not None:
+                found |= {k: float(v) for k, v in self.compute_metrics(predictions, references).items()}
+            metrics |= {f"eval_{k.removeprefix('eval_')}": v for k, v in found.items()}
+        return metrics
+
+    def predictions(self, model, device: torch.device) -> tuple[list[str], list[str]]:
+        rows, d = self.data.validation_rows, self.cfg.data
+        references = [str(row[d.target_column]) for row in rows]
+        was_training = model.training
+        model.eval()
+        try:
+            if self.task == "classification":
+                with torch.no_grad():
+                    ids = [i for b in self.ordered_batches() for i in
+                           model(**{k: v.to(device) for k, v in b.items()}).logits.argmax(-1).tolist()]
+                return [self.data.formatter.labels[i] for i in ids], references
+            sources = [self.data.formatter.source(row) for row in rows]
+            outputs = generate(model, self.tokenizer, sources, self.task, self.cfg.run.batch_size,
+                               d.max_target_length, 1, d.max_source_length)
+            return outputs, references
+        finally:
+            model.train(was_training)
+
+    def ordered_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The validation examples in their rows' order (score's batches are grouped by length)."""
+        size, pad = self.cfg.run.batch_size, self.tokenizer.pad_token_id
+        return [collate(self.data.validation[s:s + size], pad) for s in range(0, len(self.data.validation), size)]
 
 
 def _loss_function(cfg: TrainConfig, model, task: str, world: World):
@@ -270,7 +338,7 @@ def _loss_function(cfg: TrainConfig, model, task: str, world: World):
 
 
 def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World,
-                     window: LogWindow) -> None:
+                     window: LogWindow) -> Path:
     rng_by_rank = distributed.all_gather_object(rng_state(), world)
     optimizer_state = distributed.optimizer_state(model, optimizer, world)
     with distributed.full_weights(model, world):
@@ -280,6 +348,7 @@ def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, str
                      "log_window": asdict(window)}
             save_checkpoint(out, step, model, setup.save_trained, state, cfg.run.save_total_limit)
     distributed.barrier(world)
+    return out / f"checkpoint-{step}"
 
 @dataclass
 class LogWindow:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from torch import nn
 
@@ -25,8 +26,9 @@ from peftlab.train.config import TrainConfig, changed_settings, load_config
 from peftlab.train.state import list_checkpoints
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "model.safetensors")  # these mark a run
+# what a run writes at its root (trackers' folders included): --overwrite replaces exactly these
 RUN_OUTPUTS = (*RUN_FILES, "adapter_model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-               "results.json")  # everything a run writes at its root; --overwrite removes exactly these
+               "results.json", "trackers.json", "tensorboard", "wandb")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,6 +144,7 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     saved_config = load_config(saved_path)
     absolute_local_paths(saved_config)  # as this run's own were made (a run saved before that kept them relative)
     saved, now = saved_config.to_dict(), cfg.to_dict()
+    saved["method"], now["method"] = saved_config.resolved_method(), cfg.resolved_method()
     changed = changed_settings(saved, now, ["model", "method"])
     if changed:
         raise PeftlabError(f"--resume: {'; '.join(changed)} (against {saved_path}): resume with the run's own "
@@ -151,6 +154,8 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
 def apply_method(model: nn.Module, cfg: TrainConfig, task: str) -> nn.Module:
     """The configured method through the shared injection; `full` trains every weight."""
     m = cfg.method
+    if getattr(model, "peftlab_adapters", None):  # the caller applied a method already
+        return model
     if m.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -158,13 +163,13 @@ def apply_method(model: nn.Module, cfg: TrainConfig, task: str) -> nn.Module:
     modules_to_save = m.modules_to_save
     if modules_to_save is None and task == "classification":
         modules_to_save = [h for h in CLASSIFIER_HEADS if hasattr(model, h)][:1]
-    fields = {k: v for k, v in dataclasses.asdict(m).items() if k != "name"}
-    config = build_config(m.name, model.config.model_type, **{**fields, "modules_to_save": modules_to_save})
+    config = build_config(m.name, model.config.model_type,
+                          **{**cfg.method_fields(), "modules_to_save": modules_to_save})
     model = apply(model, config)
     widths = [min(layer.in_features, layer.out_features) for layer in model.modules()
               if hasattr(layer, "lora_A") and hasattr(layer, "in_features")]
-    if widths and m.r > max(widths):
-        print(f"warning: rank {m.r} is above the width of every adapted layer (at most {max(widths)}): a rank "
+    if widths and getattr(config, "r", 0) > max(widths):
+        print(f"warning: rank {config.r} is above the width of every adapted layer (at most {max(widths)}): a rank "
               f"beyond {max(widths)} adds parameters but no capacity")
     return model
 
@@ -192,25 +197,61 @@ def save_trained(model: nn.Module, directory: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(directory)
 
 
+def as_table(data, source: str | None, column_names: list[str] | None, what: str,
+             split: str = "train") -> tuple[datasets.Dataset, str]:
+    """A datasets.Dataset and a name for messages: from the data given (a Dataset, a list of dicts, a file path)
+    or from the config's `source`."""
+    if data is None or isinstance(data, str | Path):
+        path = str(data if data is not None else source)
+        return load_table(path, split=split, column_names=column_names), path
+    if isinstance(data, datasets.Dataset):
+        table = data
+    elif isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        table = datasets.Dataset.from_list(data)
+    else:
+        raise PeftlabError(f"{what} must be a datasets.Dataset, a DatasetDict, a list of dicts or a file path, got "
+                           f"{type(data).__name__}")
+    if len(table) == 0:
+        raise PeftlabError(f"{what} is empty: it needs at least one example")
+    return table, what
+
+
+def describe_given_model(cfg: TrainConfig, model: nn.Module) -> None:
+    """A model object handed to the Trainer: config.yaml names its base (what eval -p rebuilds) and, where a
+    method is applied already, that method and its settings."""
+    cfg.model.name = getattr(model.config, "name_or_path", None) or cfg.model.name
+    for adapter in getattr(model, "peftlab_adapters", {}).values():
+        cfg.method.name = adapter.method
+        for key, value in dataclasses.asdict(adapter).items():
+            if hasattr(cfg.method, key) and value is not None and key != "name":
+                setattr(cfg.method, key, value)
+
+
 @dataclass
 class EncodedData:
     train: list[dict]
     validation: list[dict]
     formatter: Formatter
+    validation_rows: list[dict]  # as read: what generation starts from, and what its predictions are scored against
 
 
-def read_tables(cfg: TrainConfig):
-    """Train and validation tables, checked for the needed columns; validation held out if not given."""
+def read_tables(cfg: TrainConfig, train=None, validation=None):
+    """Train and validation tables, checked for the needed columns; validation held out if not given. `train`
+    and `validation`, where given, are the data itself (a datasets.Dataset or DatasetDict, a list of dicts, or
+    a file), in place of data.train and data.validation."""
     d = cfg.data
     formatter_columns = required_columns(d.template, d.input_column, d.target_column, d.pair_column)
-    table = load_table(d.train, column_names=d.column_names)
-    require_columns(table, formatter_columns, d.train)
-    if d.validation:
-        validation = load_table(d.validation, split="validation", column_names=d.column_names)
-        require_columns(validation, formatter_columns, d.validation)
+    if isinstance(train, datasets.DatasetDict):
+        train, validation = train["train"], validation or next((train[s] for s in ("validation", "test") if s in train),
+                                                               None)
+    table, name = as_table(train, d.train, d.column_names, "the training data")
+    require_columns(table, formatter_columns, name)
+    if validation is not None or d.validation:
+        validation, val_name = as_table(validation, d.validation, d.column_names, "the validation data", "validation")
+        require_columns(validation, formatter_columns, val_name)
         return table, validation
     if len(table) < 2:
-        raise PeftlabError(f"{d.train} has {len(table)} example: need at least 2 to hold out validation, "
+        raise PeftlabError(f"{name} has {len(table)} example: need at least 2 to hold out validation, "
                            "or pass --validation-data")
     split = table.train_test_split(test_size=d.validation_fraction, seed=cfg.run.seed)
     return split["train"], split["test"]
@@ -230,7 +271,7 @@ def encode(cfg: TrainConfig, tokenizer, task: str, tables, labels: list[str]) ->
     if truncated_train:
         print(f"warning: {truncated_train} texts (sources or targets) of {len(train)} training examples were cut to "
               f"max_source_length={d.max_source_length} / max_target_length={d.max_target_length}")
-    return EncodedData(train, validation, formatter)
+    return EncodedData(train, validation, formatter, list(tables[1]))
 
 
 def label_set(cfg: TrainConfig, table) -> list[str]:
