@@ -227,12 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from peftlab.eval.api import generate
 
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            raise PeftlabError(f"--adapter wants name=path, got {spec!r}")
-        adapters[name] = path
+    adapters = dict(_name_path(spec) for spec in args.adapter)
     rows = None
     if args.file:
         from peftlab.data.loading import load_table
@@ -251,6 +246,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for prompt, output in zip(prompts, outputs, strict=True):
         print(json.dumps({"input": prompt, "output": output}))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from peftlab.serve import serve
+
+    adapters = dict(_name_path(spec) for spec in args.adapter)
+    serve(args.p, args.model, adapters, args.host, args.port, args.api_key or os.environ.get("PEFTLAB_API_KEY"),
+          args.allow_adapter_loading, args.adapter_root, args.request_timeout, device=args.device,
+          max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+          max_tokens=args.max_tokens)
+    return 0
+
+
+def _name_path(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name:
+        raise PeftlabError(f"--adapter wants name=path, got {spec!r}")
+    return name, path
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -327,6 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=1)
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for many adapters on one base")
+    p.add_argument("-p", metavar="RUN", help="a run directory: its adapter on its own base (served as the run's name)")
+    p.add_argument("--model", help="the base model (with --adapter, or instead of -p)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to serve "
+                   "(repeatable); a request's model field picks it")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--api-key", help="every request needs 'Authorization: Bearer KEY' (or set PEFTLAB_API_KEY)")
+    p.add_argument("--max-batch-size", type=positive_int, default=16, help="requests generated together")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="waiting requests beyond it get 503")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="the most new tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=300, help="seconds before a request gets 504")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (only from --adapter-root)")
+    p.add_argument("--adapter-root", help="the directory run-time adapter loads must lie under")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a plain Hugging Face model directory")
     _add_checkpoint_flags(p)

@@ -36,7 +36,7 @@ def generate(checkpoint: str | Path, texts: Sequence[str] = (), rows: Sequence[d
     at the run's data.max_source_length, as in training."""
     from peftlab.eval.generation import generate as generate_batches
     from peftlab.eval.runs import load_run
-    from peftlab.methods.checkpoint import load_adapter
+    from peftlab.methods.checkpoint import load_adapter, read_adapter_config
     from peftlab.methods.inject import BASE_NAME, adapters_disabled, per_example_adapters, set_active
 
     if not texts and not rows:
@@ -45,6 +45,10 @@ def generate(checkpoint: str | Path, texts: Sequence[str] = (), rows: Sequence[d
     data = run.config.data if run.config else None
     prompts = prompts_of(rows, data and data.template, source) if rows else list(texts)
     for name, path in (adapters or {}).items():
+        others = [read_adapter_config(path), *getattr(run.model, "peftlab_adapters", {}).values()]
+        if unmixable := next((c for c in others if not c.can_mix()), None):
+            raise PeftlabError(f"a {unmixable.method} adapter cannot share a base with other adapters (it changes "
+                               "what they share, or its layers hold one adapter at a time): generate with each alone")
         load_adapter(run.model, path, name)
     if use and use != BASE_NAME:
         set_active(run.model, use)

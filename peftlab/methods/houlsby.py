@@ -29,6 +29,7 @@ class HoulsbyConfig(MethodConfig):
     train_layer_norms: bool = True
 
     method: ClassVar[str] = "houlsby"
+    mixed_batches: ClassVar[bool] = True
     peft_type: ClassVar[str] = "BOTTLENECK"
     # the output projections of attention and feed-forward blocks (cross-attention included)
     default_targets: ClassVar[dict[str, list[str]]] = {
@@ -45,6 +46,9 @@ class HoulsbyConfig(MethodConfig):
             raise PeftlabError(f"unknown activation {self.activation!r}: use one of gelu, relu, silu, tanh")
         if not self.targets:
             raise PeftlabError("Houlsby adapters need targets: the output projections, e.g. targets=['o', 'wo']")
+
+    def can_mix(self) -> bool:
+        return not self.train_layer_norms  # trained LayerNorms are the base's own, shared by every adapter
 
     def make_layer(self, base: nn.Module, module_name: str, adapter: str) -> HoulsbyLayer:
         layer = base if isinstance(base, HoulsbyLayer) else HoulsbyLayer(base, module_name)

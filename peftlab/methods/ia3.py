@@ -21,6 +21,7 @@ class IA3Config(MethodConfig):
     feedforward: list[str] | str | None = None  # the targets whose input (not output) is scaled
 
     method: ClassVar[str] = "ia3"
+    mixed_batches: ClassVar[bool] = True
     peft_type: ClassVar[str] = "IA3"
     default_targets: ClassVar[dict[str, list[str]]] = {
         "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "bart": ["q_proj", "v_proj", "fc2"],

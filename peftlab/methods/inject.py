@@ -48,12 +48,18 @@ class MethodConfig:
 
     method: ClassVar[str]
     peft_type: ClassVar[str]
+    mixed_batches: ClassVar[bool] = False  # its layers can run each example of a batch through its own adapter
     # model_type -> targets when none are given (peft's TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING)
     default_targets: ClassVar[dict[str, list[str]]] = {}
 
     def __post_init__(self) -> None:
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+
+    def can_mix(self) -> bool:
+        """Whether this adapter can share a batch with other adapters (each example through its own): its layers
+        run mixed batches, and it changes nothing the other adapters share."""
+        return self.mixed_batches
 
     @classmethod
     def defaults_for(cls, model_type: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class LoraConfig(MethodConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     method: ClassVar[str] = "lora"
+    mixed_batches: ClassVar[bool] = True
     peft_type: ClassVar[str] = "LORA"
     # the attention query and value projections: the seed's (and LoRA paper's) default targets
     default_targets: ClassVar[dict[str, list[str]]] = {

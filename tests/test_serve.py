@@ -1,0 +1,248 @@
+"""peftlab serve: a real uvicorn server on a free port, queried with the official `openai` client and httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+import peftlab
+from peftlab.cli import main
+
+KEY = "test-key"
+ROWS = [{"dialogue": f"w{i % 6} a{i % 4} b", "summary": f"w{i % 6} a{i % 4}"} for i in range(32)]
+PROMPTS = ["w1 a2 b", "w3 a0 b", "w5 a1 b c d", "w0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    for name, method, lr, extra in (("a", "lora", "0.05", []), ("b", "lora", "0.02", []),
+                                    ("c", "lora", "0.05", ["--targets", "q,k,o"]), ("p", "prompt_tuning", "0.05", []),
+                                    ("h", "houlsby", "0.05", [])):
+        assert main(["train", "--model", "random:t5-tiny", "--data", str(data), "--input-column", "dialogue",
+                     "--target-column", "summary", "--method", method, "--lr", lr, "--max-steps", "6", *extra,
+                     "--batch-size", "8", "--seed", str(ord(name)), "--output", str(root / "adapters" / name),
+                     "run.eval_before=false", "run.eval_metrics=false"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    import uvicorn
+
+    from peftlab.serve import build_engine
+    from peftlab.serve.app import build_app
+
+    engine = build_engine(model="random:t5-tiny", adapters={n: str(runs / "adapters" / n) for n in "abc"},
+                          device="cpu", max_batch_size=8, max_queue=64, max_prompt_tokens=64, max_tokens=32)
+    app = build_app(engine, api_key=KEY, allow_loading=True, adapter_root=str(runs / "adapters"))
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def alone(runs: Path, adapter: str, prompt: str, tokens: int = 8) -> str:
+    """What `peftlab generate` answers for one adapter and one prompt (the base: no adapter)."""
+    if adapter == "random:t5-tiny":
+        model, tokenizer = peftlab.load_model("random:t5-tiny")
+        from peftlab.eval.generation import generate
+
+        return generate(model, tokenizer, [prompt], "seq2seq", max_new_tokens=tokens)[0]
+    return peftlab.generate(runs / "adapters" / adapter, [prompt], max_new_tokens=tokens)[0]
+
+
+def test_models_lists_the_base_and_every_adapter(client):
+    assert [m.id for m in client.models.list().data] == ["random:t5-tiny", "a", "b", "c"]
+
+
+def test_greedy_completions_equal_peftlab_generate(client, runs):
+    for adapter in ("a", "c", "random:t5-tiny"):
+        reply = client.completions.create(model=adapter, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert reply.choices[0].text.strip() == alone(runs, adapter, PROMPTS[0])
+
+
+def test_sixteen_concurrent_requests_over_four_models_each_equal_their_answer_alone(client, runs):
+    models = ["random:t5-tiny", "a", "b", "c"]
+    jobs = [(models[i % 4], PROMPTS[i // 4]) for i in range(16)]
+
+    def ask(job):
+        return client.completions.create(model=job[0], prompt=job[1], max_tokens=8, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, jobs))
+    expected = [alone(runs, m, p) for m, p in jobs]
+    assert [a.strip() for a in answers] == expected
+    assert len(set(expected)) > 1  # the adapters answer differently: the test can tell them apart
+
+
+def test_a_streamed_completion_joins_to_the_plain_one_and_usage_counts_tokens(client, server):
+    plain = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=8,
+                                                                   temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == plain.choices[0].text
+    tokenizer = peftlab.load_model("random:t5-tiny")[1]
+    assert plain.usage.prompt_tokens == len(tokenizer(PROMPTS[1])["input_ids"])
+    assert plain.usage.completion_tokens == len(tokenizer(plain.choices[0].text, add_special_tokens=False)
+                                                ["input_ids"])
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+
+def test_list_prompts_n_and_stop(client):
+    reply = client.completions.create(model="b", prompt=PROMPTS[:2], max_tokens=8, temperature=0, n=2)
+    assert len(reply.choices) == 4 and reply.choices[0].text == reply.choices[1].text  # greedy: n equal answers
+    full = reply.choices[0].text
+    if len(full.split()) > 1:
+        cut = client.completions.create(model="b", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                        stop=[full.split()[1]])
+        assert cut.choices[0].text == full[:full.index(full.split()[1])] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7)
+               .choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+
+
+BAD = [  # (method, path, body or raw text, headers, status, what the message says)
+    ("post", "/v1/completions", "{not json", None, 400, ""),
+    ("post", "/v1/completions", {"model": "nope", "prompt": "x"}, None, 404, "'random:t5-tiny', 'a', 'b', 'c'"),
+    ("post", "/v1/completions", {"model": "a", "prompt": "w " * 200}, None, 400, "--max-prompt-tokens 64"),
+    ("post", "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens must be"),
+    ("post", "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 999}, None, 400, "from 1 to 32"),
+    ("post", "/v1/completions", {"model": "a", "prompt": "x", "temperature": -1}, None, 400, "temperature"),
+    ("post", "/v1/completions", {"model": "a"}, None, 400, "prompt"),
+    ("post", "/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "hi"}]}, None, 400,
+     "no chat template"),
+    ("post", "/classify", {"model": "a", "input": "hi"}, None, 400, "use POST /v1/completions"),
+    ("get", "/v1/models", None, {"Authorization": "Bearer wrong"}, 401, "API key"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, None, 400, "outside --adapter-root"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/../data.jsonl"}, None, 400,
+     "outside --adapter-root"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/link-out"}, None, 400,
+     "outside --adapter-root"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/empty"}, None, 400,
+     "adapter_config.json"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/p"}, None, 400,
+     "cannot share a batch"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/h"}, None, 400,
+     "cannot share a batch"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "{root}/adapters/b"}, None, 400,
+     "already served"),
+    ("post", "/v1/unload_lora_adapter", {"lora_name": "ghost"}, None, 404, "no adapter named 'ghost'"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,headers,status,says", BAD, ids=[f"{b[1]}-{b[4]}-{i}"
+                                                                          for i, b in enumerate(BAD)])
+def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(server, runs, client, method, path, body,
+                                                                    headers, status, says):
+    (runs / "adapters" / "empty").mkdir(exist_ok=True)
+    if not (runs / "adapters" / "link-out").exists():
+        os.symlink(runs, runs / "adapters" / "link-out")
+    headers = headers or {"Authorization": f"Bearer {KEY}"}
+    if isinstance(body, str):
+        response = httpx.post(server + path, content=body, headers={**headers, "Content-Type": "application/json"})
+    elif isinstance(body, dict):
+        body = json.loads(json.dumps(body).replace("{root}", str(runs)))
+        response = httpx.request(method.upper(), server + path, json=body, headers=headers, timeout=60)
+    else:
+        response = httpx.request(method.upper(), server + path, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert "\n" not in message and says in message, message
+    assert client.completions.create(model="a", prompt="w1", max_tokens=2, temperature=0).choices  # still serving
+
+
+def test_load_and_unload_an_adapter_at_run_time(server, runs, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(f"{server}/v1/load_lora_adapter", headers=headers,
+                          json={"lora_name": "b2", "lora_path": str(runs / "adapters" / "b")})
+    assert response.status_code == 200, response.text
+    assert "b2" in [m.id for m in client.models.list().data]
+    loaded = client.completions.create(model="b2", prompt=PROMPTS[2], max_tokens=8, temperature=0).choices[0].text
+    assert loaded.strip() == alone(runs, "b", PROMPTS[2])
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", headers=headers, json={"lora_name": "b2"}).status_code == 200
+    response = httpx.post(f"{server}/v1/completions", headers=headers, json={"model": "b2", "prompt": "x"})
+    assert response.status_code == 404
+
+
+def test_metrics_count_the_requests_just_made(server, client):
+    def served(text: str) -> float:
+        line = next((x for x in text.splitlines() if x.startswith('peftlab_requests_total{adapter="c",'
+                                                                   'endpoint="completions",status="200"}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = served(httpx.get(f"{server}/metrics").text)
+    for _ in range(3):
+        client.completions.create(model="c", prompt="w2", max_tokens=2, temperature=0)
+    text = httpx.get(f"{server}/metrics").text
+    assert served(text) == before + 3
+    assert "peftlab_batch_size_bucket" in text and "peftlab_generated_tokens_total" in text
+
+
+def test_health_needs_no_key(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_the_command_serves_a_run_and_sigterm_finishes_the_request_in_flight(runs):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFTLAB_ALLOCATOR": "system", "PEFTLAB_API_KEY": KEY}
+    process = subprocess.Popen([sys.executable, "-m", "peftlab", "serve", "-p", str(runs / "adapters" / "a"),
+                                "--port", str(port), "--max-tokens", "64"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers).json()["data"]
+        assert [m["id"] for m in models] == ["random:t5-tiny", "a"]
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/completions", headers=headers, timeout=60,
+                                  json={"model": "a", "prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0.5,
+                                        "n": 16, "seed": 1})  # 16 sampled answers, one after another
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            reply = pending.result()
+            assert reply.status_code == 200 and len(reply.json()["choices"]) == 16  # finished, though in flight
+        # uvicorn stops taking requests, finishes those in flight, then re-raises the signal it caught
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
