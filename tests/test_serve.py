@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -42,27 +43,37 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(runs):
+@contextlib.contextmanager
+def running(engine, **options):
+    """A real uvicorn server for `engine` in a thread, on a free port; yields its address."""
     import uvicorn
 
-    from peftlab.serve import build_engine
     from peftlab.serve.app import build_app
 
-    engine = build_engine(model="random:t5-tiny", adapters={n: str(runs / "adapters" / n) for n in "abc"},
-                          device="cpu", max_batch_size=8, max_queue=64, max_prompt_tokens=64, max_tokens=32)
-    app = build_app(engine, api_key=KEY, allow_loading=True, adapter_root=str(runs / "adapters"))
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(build_app(engine, **options), host="127.0.0.1", port=port,
+                                       log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not uv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    from peftlab.serve import build_engine
+
+    engine = build_engine(model="random:t5-tiny", adapters={n: str(runs / "adapters" / n) for n in "abc"},
+                          device="cpu", max_batch_size=8, max_queue=64, max_prompt_tokens=64, max_tokens=32)
+    with running(engine, api_key=KEY, allow_loading=True, adapter_root=str(runs / "adapters")) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +257,49 @@ def test_the_command_serves_a_run_and_sigterm_finishes_the_request_in_flight(run
         assert "Traceback" not in process.stderr.read()
     finally:
         process.kill()
+
+
+def test_chat_completions_format_the_messages_with_the_chat_template():
+    from openai import OpenAI
+
+    from peftlab.serve import build_engine
+
+    engine = build_engine(model="random:llama-tiny", device="cpu", max_tokens=16)
+    engine.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                      "{% if add_generation_prompt %}assistant:{% endif %}")
+    with running(engine) as address:
+        client = OpenAI(base_url=f"{address}/v1", api_key="none", max_retries=0)
+        chat = client.chat.completions.create(model="random:llama-tiny", max_tokens=6, temperature=0,
+                                              messages=[{"role": "user", "content": "hello there"}])
+        plain = client.completions.create(model="random:llama-tiny", prompt="user: hello there\nassistant:",
+                                          max_tokens=6, temperature=0)
+        assert chat.choices[0].message.content == plain.choices[0].text
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 6
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="random:llama-tiny", max_tokens=6, temperature=0, stream=True,
+            messages=[{"role": "user", "content": "hello there"}]) if c.choices]
+        assert "".join(pieces) == chat.choices[0].message.content
+
+
+def test_classify_returns_labels_with_probabilities(tmp_path):
+    from peftlab.serve import build_engine
+
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": "pos" if i % 2 else "neg"} for i in range(16)]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--model", "random:bert-tiny", "--data", str(data), "--max-steps", "4", "--output",
+                 str(tmp_path / "sentiment")]) == 0
+    engine = build_engine(run=str(tmp_path / "sentiment"), device="cpu")
+    loaded = peftlab.eval.runs.load_run(tmp_path / "sentiment")
+    with running(engine) as address:
+        reply = httpx.post(f"{address}/classify", json={"model": "sentiment", "input": ["good film", "bad film"]})
+        assert reply.status_code == 200, reply.text
+        data = reply.json()["data"]
+    import torch
+
+    batch = loaded.tokenizer(["good film", "bad film"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(**batch).logits, -1)
+    for row, probs in zip(data, expected.tolist(), strict=True):
+        assert row["probs"] == pytest.approx(probs, abs=1e-6)
+        assert row["label"] == ["neg", "pos"][max(range(2), key=probs.__getitem__)] and row["num_classes"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -180,7 +181,9 @@ def test_a_resumed_run_logs_no_step_twice_in_any_tracker(tmp_path, monkeypatch):
     assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "loss")) == [1, 2, 3, 4]
     steps = [r["_step"] for r in wandb_history(tmp_path / "run") if "loss" in r]
     assert sorted(steps) == [1, 2, 3, 4]
-    assert len({p.name.split("-")[-1] for p in (tmp_path / "run").glob("wandb/offline-run-*")}) == 1  # one run id
+    ids = {re.match(r"offline-run-\d+_\d+-([a-z0-9]+)", p.name).group(1)
+           for p in (tmp_path / "run").glob("wandb/offline-run-*")}  # a second dir in the same second gets "-1"
+    assert len(ids) == 1  # one run, continued
 
 
 def test_a_sweeps_points_share_one_experiment(tmp_path, monkeypatch):
