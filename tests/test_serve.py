@@ -303,3 +303,14 @@ def test_classify_returns_labels_with_probabilities(tmp_path):
     for row, probs in zip(data, expected.tolist(), strict=True):
         assert row["probs"] == pytest.approx(probs, abs=1e-6)
         assert row["label"] == ["neg", "pos"][max(range(2), key=probs.__getitem__)] and row["num_classes"] == 2
+
+
+def test_a_client_that_disconnects_mid_stream_does_not_stop_the_server(server, client):
+    body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "stream": True, "n": 4}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    # closed after one event; the next requests are answered as before
+    replies = [client.completions.create(model=m, prompt="w2", max_tokens=4, temperature=0) for m in ("a", "b")]
+    assert all(r.choices for r in replies)
