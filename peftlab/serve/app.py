@@ -29,10 +29,10 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
 
 
-class CompletionBody(BaseModel):
+class Sampling(BaseModel):
+    """What completions and chat completions share (OpenAI's defaults)."""
+
     model: str
-    prompt: str | list[str]
-    max_tokens: int = 16
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
@@ -41,17 +41,15 @@ class CompletionBody(BaseModel):
     stream: bool = False
 
 
-class ChatBody(BaseModel):
-    model: str
+class CompletionBody(Sampling):
+    prompt: str | list[str]
+    max_tokens: int = 16
+
+
+class ChatBody(Sampling):
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
 
 
 class LoadBody(BaseModel):
