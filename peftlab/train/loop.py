@@ -25,7 +25,7 @@ from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, check_lengths, default_task, load_model, resolve_task
-from peftlab.train import distributed, products, setup
+from peftlab.train import distributed, policy, products, setup
 from peftlab.train.allocator import allocator_in_use
 from peftlab.train.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from peftlab.train.config import TrainConfig, method_default
@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, progress: bool | None = None, inputs: Inputs | None 
 def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs, events: Callbacks) -> RunResult:
     baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
     out = setup.check_output(cfg)  # only checked: bad data or config below leave it as it was
-    onednn = device.type == "cpu" and cfg.run.lean_kernels and products.wants_onednn(cfg.run.linear_backend)
+    on = policy.switches(cfg.run, device, world.distributed, world.strategy == "fsdp")
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     setup.absolute_local_paths(cfg)  # eval -p rebuilds the base and the held-out split from any directory
@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs,
     check_lengths(model.config, task, cfg.data.max_source_length, cfg.data.max_target_length, virtual)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
-    lean = make_lean(model, linear=cfg.run.recompute_linear, onednn=onednn) if cfg.run.lean_kernels else []
+    lean = make_lean(model, linear=cfg.run.recompute_linear, onednn=on.onednn) if on.lean_kernels else []
     if cfg.run.gradient_checkpointing:
         # transformers 5.x renamed it; the old name warns and goes in v6
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -162,9 +162,10 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs,
     with setup.replacing_output(cfg, world.is_main):  # --overwrite sets the old run aside only now
         if world.is_main:
             write_text(out / "config.yaml", cfg.to_yaml())
-        _report(cfg, world, model, lean, onednn)
-        with products.linear_backend(onednn):
-            return _fit(cfg, model, tokenizer, data, device, out, task, world, baseline_mb, resumed, events, validate)
+        _report(cfg, world, model, lean, on, device)
+        with products.linear_backend(on.onednn):
+            return _fit(cfg, model, tokenizer, data, device, out, task, world, baseline_mb, resumed, events, validate,
+                        on)
 
 
 def _model_and_data(cfg: TrainConfig, inputs: Inputs):
@@ -189,7 +190,8 @@ def _model_and_data(cfg: TrainConfig, inputs: Inputs):
     return model, tokenizer, task, tables, labels
 
 
-def _report(cfg: TrainConfig, world: World, model, lean: list[str], onednn: bool) -> None:
+def _report(cfg: TrainConfig, world: World, model, lean: list[str], on: policy.Switches,
+            device: torch.device) -> None:
     print(f"Config: {json.dumps(cfg.to_dict())}")
     for config in getattr(model, "peftlab_adapters", {}).values():
         print(f"Using {config.method.upper()}: {config}")
@@ -200,7 +202,9 @@ def _report(cfg: TrainConfig, world: World, model, lean: list[str], onednn: bool
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
-    print(f"Linear products: {'oneDNN' if onednn else 'torch'} (run.linear_backend={cfg.run.linear_backend})")
+    print(f"Linear products: {'oneDNN' if on.onednn else 'torch'} (run.linear_backend={cfg.run.linear_backend})")
+    if off := on.off_here(cfg.run):
+        print(f"Off on {device.type} (measured on CPU only, peftlab/train/policy.py): {', '.join(off)}")
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, sharded: bool = False):
@@ -216,13 +220,13 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, shard
 
 
 def _fit(cfg, model, tokenizer, data, device, out, task, world: World, baseline_mb: float,
-         state: dict[str, Any] | None, events: Callbacks, validate: Validator) -> RunResult:
+         state: dict[str, Any] | None, events: Callbacks, validate: Validator, on: policy.Switches) -> RunResult:
     r = cfg.run
     stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id, world)
     steps_per_epoch = max(1, math.ceil(len(stream) / r.grad_accum))
     total = r.max_steps or max(1, math.ceil(r.epochs * steps_per_epoch))
     result = RunResult(out, total, model=model)
-    wrapped = distributed.wrap(model, _loss_function(cfg, model, task, world), world, device)
+    wrapped = distributed.wrap(model, _loss_function(cfg, model, task, on), world, device)
     trainable, optimizer, scheduler = _optimizer(cfg, model, total, sharded=world.strategy == "fsdp")
     step = 0
     if state is not None:
@@ -239,7 +243,7 @@ def _fit(cfg, model, tokenizer, data, device, out, task, world: World, baseline_
             events.on_evaluate(result.eval_before)
         while step < total:
             t0 = time.perf_counter()
-            loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, step, task)
+            loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, task, on.sparse_embeddings)
             if not is_finite(loss):
                 raise PeftlabError(f"loss became {loss} at step {step + 1}: lower --lr or check the data; "
                                    f"{resume_hint(out)}")
@@ -331,10 +335,8 @@ class Validator:
         return [collate(self.data.validation[s:s + size], pad) for s in range(0, len(self.data.validation), size)]
 
 
-def _loss_function(cfg: TrainConfig, model, task: str, world: World):
-    # the chunked loss reads lm_head's weight outside FSDP's forward
-    return training_loss(model, cfg.run.chunked_loss and task != "classification" and world.strategy != "fsdp",
-                         cfg.run.redraw_masks)
+def _loss_function(cfg: TrainConfig, model, task: str, on: policy.Switches):
+    return training_loss(model, on.chunked_loss and task != "classification", cfg.run.redraw_masks, on.recompute)
 
 
 def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World,
@@ -376,7 +378,7 @@ def _optimizer_step(cfg, model, trainable, optimizer, scheduler,
     return float(distributed.local_tensor(grad_norm)), learning_rate, named
 
 
-def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, task: str) -> tuple[float, int]:
+def _accumulate(cfg, wrapped, model, stream, device, world: World, task: str, sparse: bool) -> tuple[float, int]:
     """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens (all processes),
     the gradients left in the parameters (a large embedding table's sparse on one CPU process: `clipped_step`).
 
@@ -384,8 +386,6 @@ def _accumulate(cfg, wrapped, model, stream, device, world: World, step: int, ta
     the world size, so the gradient average equals the single-process gradient of the whole micro-batch."""
     accum = cfg.run.grad_accum
     total_loss, tokens = 0.0, 0
-    # sparse embedding gradients: measured on CPU only; DDP's buckets and FSDP's flat parameters take dense ones
-    sparse = cfg.run.lean_kernels and not world.distributed and device.type == "cpu"
     with sparse_embedding_gradients(model, enabled=sparse):
         for i in range(accum):
             batch, real = stream.next()

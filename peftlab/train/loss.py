@@ -170,11 +170,13 @@ def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return model(**batch).loss
 
 
-def training_loss(model: nn.Module, chunked: bool = True,
-                  redraw_masks: bool = False) -> Callable[[nn.Module, dict], torch.Tensor]:
+def training_loss(model: nn.Module, chunked: bool = True, redraw_masks: bool = False,
+                  recompute: bool = True) -> Callable[[nn.Module, dict], torch.Tensor]:
     """The loss a training step backpropagates: `lm_loss` where `chunked` and the model supports it, else the
-    model's own; its forward runs under `recompute.recomputing(redraw_masks)`."""
+    model's own; with `recompute`, its forward runs under `recompute.recomputing(redraw_masks)`."""
     compute = lm_loss if chunked and supports_chunked_loss(model) else model_loss
+    if not recompute:
+        return compute
 
     def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with recomputing(redraw_masks):
