@@ -40,6 +40,9 @@ def runs(tmp_path_factory) -> Path:
                      "--target-column", "summary", "--method", method, "--lr", lr, "--max-steps", "6", *extra,
                      "--batch-size", "8", "--seed", str(ord(name)), "--output", str(root / "adapters" / name),
                      "run.eval_before=false", "run.eval_metrics=false"]) == 0
+    assert main(["train", "--model", "random:bart-tiny", "--data", str(data), "--input-column", "dialogue",
+                 "--target-column", "summary", "--max-steps", "1", "--output", str(root / "adapters" / "bart"),
+                 "run.eval_before=false", "run.eval_metrics=false"]) == 0  # an adapter of another base
     return root
 
 
@@ -165,6 +168,8 @@ BAD = [  # (method, path, body or raw text, headers, status, what the message sa
      "cannot share a batch"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/h"}, None, 400,
      "cannot share a batch"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/bart"}, None, 400,
+     "the adapter was trained on random:bart-tiny, this base is random:t5-tiny"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "{root}/adapters/b"}, None, 400,
      "already served"),
     ("post", "/v1/unload_lora_adapter", {"lora_name": "ghost"}, None, 404, "no adapter named 'ghost'"),
@@ -314,3 +319,59 @@ def test_a_client_that_disconnects_mid_stream_does_not_stop_the_server(server, c
     # closed after one event; the next requests are answered as before
     replies = [client.completions.create(model=m, prompt="w2", max_tokens=4, temperature=0) for m in ("a", "b")]
     assert all(r.choices for r in replies)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bart-tiny"])
+def test_requests_joining_a_running_batch_answer_as_alone(preset):
+    """Iteration-level batching: requests of different lengths join and leave the running batch at decoding steps;
+    each greedy answer equals HF generate's for that prompt alone (BART's forced end of sequence included)."""
+    from openai import OpenAI
+
+    from peftlab.eval.generation import generate
+    from peftlab.models import resolve_task
+    from peftlab.serve import build_engine
+
+    name = f"random:{preset}"
+    engine = build_engine(model=name, device="cpu", max_batch_size=4, max_tokens=24)
+    jobs = [(p, tokens) for p, tokens in zip(["hello there", "a b c d e f", "x", "the quick brown fox", "w3 a0",
+                                              "one two"], [24, 3, 17, 9, 20, 5], strict=True)]
+    with running(engine) as address:
+        client = OpenAI(base_url=f"{address}/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda job: client.completions.create(
+                model=name, prompt=job[0], max_tokens=job[1], temperature=0).choices[0].text, jobs))
+    model, tokenizer = peftlab.load_model(name)
+    task = resolve_task(name)
+    expected = [generate(model, tokenizer, [p], task, max_new_tokens=t)[0] for p, t in jobs]
+    assert [a.strip() for a in answers] == expected
+    assert max(engine.batch_sizes) > 1  # they did share decoding steps
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "bart-tiny", "gpt2-tiny", "llama-tiny"])
+def test_a_sequence_joining_at_each_step_decodes_as_alone(preset):
+    """The decoder itself, admissions staggered deterministically: one new request at every decoding step."""
+    from peftlab.eval.generation import generate_ids
+    from peftlab.models import resolve_task
+    from peftlab.serve.decode import Decoder
+    from peftlab.serve.engine import Request
+
+    model, tokenizer = peftlab.load_model(f"random:{preset}")
+    task = resolve_task(f"random:{preset}")
+    jobs = [("hello there", 12), ("a b c d e f", 3), ("x", 9), ("the quick brown fox", 7), ("w3 a0", 10),
+            ("one two", 5)]
+    decoder = Decoder(model, tokenizer, task, 512)
+    sequences, active, pending = [], [], list(jobs)
+    while pending or active:
+        if pending:
+            prompt, tokens = pending.pop(0)
+            sequences.append(decoder.prefill(Request(prompt, BASE, tokens)))
+            if not decoder.done(sequences[-1]):
+                active.append(sequences[-1])
+        if active:
+            decoder.step(active)
+            active = [s for s in active if not decoder.done(s)]
+    for (prompt, tokens), sequence in zip(jobs, sequences, strict=True):
+        assert sequence.tokens == generate_ids(model, tokenizer, [prompt], task, max_new_tokens=tokens)[0][0], prompt
+
+
+BASE = "__base__"

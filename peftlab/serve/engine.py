@@ -1,14 +1,11 @@
-"""The serving engine: one base model, many adapters, and a worker thread that batches waiting requests across
-adapters (each example of a batch through its own adapter: `per_example_adapters`).
-
-Batching is per request: the worker takes every waiting request that fits (greedy ones together, up to
-`max_batch_size`; a sampled one with its own seed alone) and generates for the batch at once. Greedy
-continuations do not depend on the batch: each row is computed from its own tokens (padding is masked), and a
-row's answer is cut at its own `max_tokens` and stop strings.
+"""The serving engine: one base model, many adapters, and a worker thread that decodes every running request
+together, each through its own adapter (`per_example_adapters`). Batching is per decoding step (decode.py): a
+request joins at the next step and leaves when it is done, up to `max_batch_size` running at once.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -21,9 +18,9 @@ from typing import Any
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.eval.generation import generate_ids
 from peftlab.methods.checkpoint import load_adapter, read_adapter_config
 from peftlab.methods.inject import BASE_NAME, per_example_adapters, remove_adapter
+from peftlab.serve.decode import Decoder, Sequence
 
 
 @dataclass
@@ -67,7 +64,8 @@ class Engine:
         self.max_batch_size, self.max_prompt_tokens, self.max_tokens = max_batch_size, max_prompt_tokens, max_tokens
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()  # the model: adapters load and unload between batches
-        self.batch_sizes: list[int] = []  # for /metrics
+        self.batch_sizes: list[int] = []  # sequences per decoding step, for /metrics
+        self.decoder = Decoder(self.model, tokenizer, task, max_prompt_tokens) if task != "classification" else None
         self.stopping = threading.Event()
         self.worker = threading.Thread(target=self._work, name="peftlab-serve-worker", daemon=True)
         self.worker.start()
@@ -108,52 +106,61 @@ class Engine:
         return request.future
 
     def _work(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while first.greedy and len(batch) < self.max_batch_size:
-                try:
-                    request = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if not request.greedy:  # a sampled request runs alone, with its own seed
-                    self.queue.put(request)
-                    break
-                batch.append(request)
-            self._run(batch)
-
-    def _run(self, batch: list[Request]) -> None:
-        live = [r for r in batch if not r.future.cancelled() and r.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        self.batch_sizes.append(len(live))
-        try:
+        """Admit waiting requests into the running batch, take one decoding step for all, retire the finished."""
+        active: list[Sequence] = []
+        while not (self.stopping.is_set() and not active and self.queue.empty()):
+            waiting = self._admit(self.max_batch_size - len(active), block=not active)
             with self.lock:
-                results = self._generate(live)
-        except Exception as e:  # a request that breaks the model fails alone; the server keeps serving
-            for request in live:
-                request.future.set_exception(e)
-            return
-        for request, result in zip(live, results, strict=True):
-            request.future.set_result(result)
+                for request in waiting:
+                    sequence = self._guarded([request], functools.partial(self.decoder.prefill, request))
+                    if sequence is not None and not self._retired(sequence):
+                        active.append(sequence)
+                served = {*self.adapters, BASE_NAME}
+                for gone in [s for s in active if s.request.adapter not in served or s.request.future.cancelled()]:
+                    active.remove(gone)
+                    self._fail(gone.request, PeftlabError(f"adapter {gone.request.adapter!r} was unloaded"))
+                if not active:
+                    continue
+                self.batch_sizes.append(len(active))
+                if self._guarded([s.request for s in active], functools.partial(self.decoder.step, active)) is None:
+                    active.clear()  # those requests failed; the server goes on with the next
+                    continue
+                active = [s for s in active if not self._retired(s)]
 
-    def _generate(self, batch: list[Request]) -> list[Completion]:
-        first = batch[0]
-        options = {"do_sample": False}
-        if not first.greedy:
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-            options = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
-        longest = max(r.max_tokens for r in batch)
-        adapters = [r.adapter for r in batch]
-        context = per_example_adapters(self.model, adapters) if self.adapters else _nothing()
-        with context:
-            outputs = generate_ids(self.model, self.tokenizer, [r.prompt for r in batch], self.task, len(batch),
-                                   longest, 1, self.max_prompt_tokens, generator_kwargs=options)
-        return [self._finish(r, ids, prompt_tokens) for r, (ids, prompt_tokens) in zip(batch, outputs, strict=True)]
+    def _admit(self, room: int, block: bool) -> list[Request]:
+        """Up to `room` waiting requests (waiting briefly for one when nothing runs)."""
+        admitted: list[Request] = []
+        while len(admitted) < room:
+            try:
+                request = self.queue.get(timeout=0.1) if block and not admitted else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if request.future.set_running_or_notify_cancel():
+                admitted.append(request)
+        return admitted
+
+    def _guarded(self, requests: list[Request], action):
+        """`action()`, or on an error each of `requests` fails with it and None is returned: one bad request never
+        stops the server."""
+        try:
+            return action() or True
+        except Exception as e:
+            for request in requests:
+                self._fail(request, e)
+            return None
+
+    @staticmethod
+    def _fail(request: Request, error: Exception) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _retired(self, sequence: Sequence) -> bool:
+        """Whether the sequence is finished now; if so its request gets its answer."""
+        if not self.decoder.done(sequence):
+            return False
+        if not sequence.request.future.done():
+            sequence.request.future.set_result(self._finish(sequence.request, sequence.tokens, sequence.prompt_tokens))
+        return True
 
     def _finish(self, request: Request, ids: list[int], prompt_tokens: int) -> Completion:
         """Cut a row at its own max_tokens and stop strings."""
