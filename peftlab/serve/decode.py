@@ -38,6 +38,17 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Batch:
+    """The running sequences' caches as one batch, carried from step to step while the members stay."""
+
+    members: list[Sequence]
+    cache: Any  # DynamicCache (causal) or EncoderDecoderCache; the decoder's part left-padded
+    mask: torch.Tensor  # (rows, cached positions): 0 at the padding
+    encoder: torch.Tensor | None = None  # seq2seq: the encoder's outputs, right-padded
+    encoder_mask: torch.Tensor | None = None
+
+
 class Decoder:
     """Prefill and batched decoding steps for one model (seq2seq or causal)."""
 
@@ -52,6 +63,7 @@ class Decoder:
         # not from position_ids: its rows are stepped in groups of one length. T5's relative positions and causal
         # LMs' position_ids take left padding.
         self.pads = task == "causal" or position_limit(model.config) is None
+        self.batch: Batch | None = None
 
     def adapters(self, names: list[str]):
         return per_example_adapters(self.model, names) if getattr(self.model, "peftlab_adapters", None) else \
@@ -83,49 +95,69 @@ class Decoder:
         return sequence
 
     def step(self, sequences: list[Sequence]) -> None:
-        """One decoding step for every sequence: each gets its next token."""
-        if self.pads:
-            return self._step(sequences)
-        groups: dict[int, list[Sequence]] = {}
-        for sequence in sequences:  # grouped before any steps: a stepped sequence's length changes
-            groups.setdefault(sequence.length, []).append(sequence)
-        for group in groups.values():
-            self._step(group)
+        """One decoding step for every sequence: each gets its next token. While the running sequences stay the
+        same, the batched cache carries from step to step; it is rebuilt only when one joins or leaves."""
+        if not self.pads:
+            groups: dict[int, list[Sequence]] = {}
+            for sequence in sequences:  # grouped before any steps: a stepped sequence's length changes
+                groups.setdefault(sequence.length, []).append(sequence)
+            for group in groups.values():
+                batch = self._build(group)
+                self._run(batch)
+                self._unpack(batch, group)
+            return
+        if self.batch is None or [id(s) for s in self.batch.members] != [id(s) for s in sequences]:
+            if self.batch is not None:
+                self._unpack(self.batch, sequences)
+            self.batch = self._build(sequences)
+        self._run(self.batch)
+
+    def _build(self, sequences: list[Sequence]) -> Batch:
+        """The sequences' own caches as one batch: the decoder's left-padded, the encoder's right-padded."""
+        longest = max(s.length for s in sequences)
+        cache = _stack([s.self_kv for s in sequences], [longest - s.length for s in sequences], left=True)
+        mask = torch.tensor([[0] * (longest - s.length) + [1] * s.length for s in sequences], device=self.device)
+        if self.task == "causal":
+            return Batch(list(sequences), cache, mask)
+        source = max(s.encoder.shape[1] for s in sequences)
+        pads = [source - s.encoder.shape[1] for s in sequences]
+        cross = _stack([s.cross_kv for s in sequences], pads, left=False)
+        both = EncoderDecoderCache(cache, cross)
+        for layer in range(len(sequences[0].cross_kv)):
+            both.is_updated[layer] = True  # the cross-attention keys and values are there already
+        encoder = torch.cat([F.pad(s.encoder, (0, 0, 0, p)) for s, p in zip(sequences, pads, strict=True)])
+        encoder_mask = torch.tensor([[1] * s.encoder.shape[1] + [0] * p for s, p in zip(sequences, pads, strict=True)],
+                                    device=self.device)
+        return Batch(list(sequences), both, mask, encoder, encoder_mask)
 
     @torch.no_grad()
-    def _step(self, sequences: list[Sequence]) -> None:
-        longest = max(s.length for s in sequences)
-        self_cache = _stack([s.self_kv for s in sequences], [longest - s.length for s in sequences], left=True)
-        mask = torch.tensor([[0] * (longest - s.length) + [1] * (s.length + 1) for s in sequences],
-                            device=self.device)
-        tokens = torch.tensor([[s.next_token] for s in sequences], device=self.device)
-        with self.adapters([s.request.adapter for s in sequences]):
+    def _run(self, batch: Batch) -> None:
+        rows = batch.members
+        tokens = torch.tensor([[s.next_token] for s in rows], device=self.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], 1)
+        with self.adapters([s.request.adapter for s in rows]):
             if self.task == "causal":
-                positions = torch.tensor([[s.length] for s in sequences], device=self.device)
-                out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                 past_key_values=self_cache, use_cache=True)
-                new = out.past_key_values
+                positions = torch.tensor([[s.length] for s in rows], device=self.device)
+                out = self.model(input_ids=tokens, attention_mask=batch.mask, position_ids=positions,
+                                 past_key_values=batch.cache, use_cache=True)
             else:
-                source = max(s.encoder.shape[1] for s in sequences)
-                pads = [source - s.encoder.shape[1] for s in sequences]
-                cross = _stack([s.cross_kv for s in sequences], pads, left=False)
-                cache = EncoderDecoderCache(self_cache, cross)
-                for layer in range(len(sequences[0].cross_kv)):
-                    cache.is_updated[layer] = True  # the cross-attention keys and values are there already
-                encoder = torch.cat([F.pad(s.encoder, (0, 0, 0, p)) for s, p in zip(sequences, pads, strict=True)])
-                encoder_mask = torch.tensor([[1] * s.encoder.shape[1] + [0] * p for s, p in
-                                             zip(sequences, pads, strict=True)], device=self.device)
-                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
-                                 attention_mask=encoder_mask, decoder_input_ids=tokens, decoder_attention_mask=mask,
-                                 past_key_values=cache, use_cache=True)
-                new = out.past_key_values.self_attention_cache
-        layers = _layers(new)
-        for row, sequence in enumerate(sequences):
-            sequence.self_kv = [(torch.cat([k, keys[row:row + 1, :, -1:]], 2),
-                                 torch.cat([v, values[row:row + 1, :, -1:]], 2))
-                                for (k, v), (keys, values) in zip(sequence.self_kv, layers, strict=True)]
+                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoder),
+                                 attention_mask=batch.encoder_mask, decoder_input_ids=tokens,
+                                 decoder_attention_mask=batch.mask, past_key_values=batch.cache, use_cache=True)
+        batch.cache = out.past_key_values
+        for row, sequence in enumerate(rows):
             sequence.length += 1
             sequence.next_token = self.choose(sequence, out.logits[row, -1])
+
+    def _unpack(self, batch: Batch, keep: list[Sequence]) -> None:
+        """Each row of `batch` that is in `keep` gets its own cache back, without the padding."""
+        cache = batch.cache.self_attention_cache if self.task != "causal" else batch.cache
+        layers, longest = _layers(cache), cache.get_seq_length()
+        kept = {id(s) for s in keep}
+        for row, sequence in enumerate(batch.members):
+            if id(sequence) in kept:
+                pad = longest - sequence.length
+                sequence.self_kv = [(k[row:row + 1, :, pad:], v[row:row + 1, :, pad:]) for k, v in layers]
 
     def choose(self, sequence: Sequence, logits: torch.Tensor) -> int:
         """The next token: greedy, or sampled with the request's temperature, top_p and seed; the model's forced
