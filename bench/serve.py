@@ -155,8 +155,8 @@ def main() -> None:
     for name, level, figures, ratio in rows:
         lines.append(f"| {name}, peftlab serve | {level} | {figures['req_s']:.2f} | {figures['tok_s']:.1f} | "
                      f"{figures['p50']:.2f} | {figures['p95']:.2f} | {ratio:.2f}x |")
-    lines += ["", "Batching is per decoding step (docs/serving.md): a request joins the running batch at the next step. "
-              "The baseline and the server run in the same Python process, measured one after the other, not "
+    lines += ["", "Batching is per decoding step (docs/serving.md): a request joins the running batch at the next "
+              "step. The baseline and the server run in the same Python process, measured one after the other, not "
               "interleaved: a single run is good to about +-10%."]
     update_section("Serving: peftlab serve vs one request at a time", "\n".join(lines))
     print("\n".join(lines))
