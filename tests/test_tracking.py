@@ -65,6 +65,7 @@ def test_tensorboard_event_files_hold_every_scalar_of_metrics_jsonl(tmp_path):
 def mlflow_store(tmp_path: Path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns: here, not in the checkout
     return uri
 
 
