@@ -223,8 +223,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import json
-
     from peftlab.eval.api import generate
 
     adapters = dict(_name_path(spec) for spec in args.adapter)

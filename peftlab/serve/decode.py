@@ -9,6 +9,7 @@ its own tokens only, so a greedy answer does not depend on what else is in the b
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from peftlab.data.tasks import truncation_side
 from peftlab.methods.inject import per_example_adapters
 from peftlab.models import position_limit
 
@@ -66,15 +68,14 @@ class Decoder:
         self.batch: Batch | None = None
 
     def adapters(self, names: list[str]):
-        return per_example_adapters(self.model, names) if getattr(self.model, "peftlab_adapters", None) else \
-            _Nothing()
+        return adapters_for(self.model, names)
 
     @torch.no_grad()
     def prefill(self, request) -> Sequence:
         side = "left" if self.task == "causal" else "right"  # a causal prompt keeps its end
-        self.tokenizer.truncation_side = side
-        ids = self.tokenizer(request.prompt, truncation=True, max_length=self.max_prompt_tokens,
-                             return_tensors="pt")["input_ids"].to(self.device)
+        with truncation_side(self.tokenizer, side):
+            ids = self.tokenizer(request.prompt, truncation=True, max_length=self.max_prompt_tokens,
+                                 return_tensors="pt")["input_ids"].to(self.device)
         generator = None
         if not request.greedy:
             generator = torch.Generator(self.device)
@@ -206,9 +207,8 @@ def _stack(per_sequence: list[KV], pads: list[int], left: bool) -> DynamicCache:
     return cache
 
 
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def adapters_for(model, names: list[str]):
+    """Each example through its own adapter; a base without adapters runs as it is."""
+    if getattr(model, "peftlab_adapters", None):
+        return per_example_adapters(model, names)
+    return contextlib.nullcontext()

@@ -19,8 +19,8 @@ import torch
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.checkpoint import load_adapter, read_adapter_config
-from peftlab.methods.inject import BASE_NAME, per_example_adapters, remove_adapter
-from peftlab.serve.decode import Decoder, Sequence
+from peftlab.methods.inject import BASE_NAME, remove_adapter
+from peftlab.serve.decode import Decoder, Sequence, adapters_for
 
 
 @dataclass
@@ -178,8 +178,7 @@ class Engine:
         with self.lock, torch.no_grad():
             batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
                                    return_tensors="pt").to(next(self.model.parameters()).device)
-            context = per_example_adapters(self.model, [adapter] * len(texts)) if self.adapters else _nothing()
-            with context:
+            with adapters_for(self.model, [adapter] * len(texts)):
                 logits = self.model(**batch).logits
         return torch.softmax(logits.float(), -1).tolist()
 
@@ -190,14 +189,6 @@ class Engine:
             time.sleep(0.05)
         self.stopping.set()
         self.worker.join(timeout=max(deadline - time.time(), 1))
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_under_root(path: str, root: str | None) -> Path:

@@ -8,6 +8,7 @@ the run directory) without logging a step twice.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -106,8 +107,6 @@ class Tracker(Callback):
         self.state.update(values)
         state = read_state(self.output)
         state[self.name] = {**state.get(self.name, {}), **self.state}
-        import json
-
         write_text(self.output / STATE_FILE, json.dumps(state, indent=2))
 
     def begin(self, run: RunInfo, saved: dict[str, Any]) -> None: ...
@@ -118,8 +117,6 @@ class Tracker(Callback):
 
 
 def read_state(output: Path) -> dict[str, Any]:
-    import json
-
     try:
         return json.loads((output / STATE_FILE).read_text())
     except (OSError, ValueError):
