@@ -71,7 +71,8 @@ def _holds_run(out: Path) -> bool:
 
 def _run_outputs(out: Path) -> list[Path]:
     """What a run wrote at its root: its files, its checkpoints and any checkpoint left half-written."""
-    return [child for child in out.iterdir() if child.name in RUN_OUTPUTS or child in list_checkpoints(out)
+    checkpoints = set(list_checkpoints(out))
+    return [child for child in out.iterdir() if child.name in RUN_OUTPUTS or child in checkpoints
             or (child.name.startswith(".checkpoint-") and child.name.endswith(".tmp"))]
 
 
