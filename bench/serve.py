@@ -28,12 +28,19 @@ import peftlab  # noqa: E402
 
 BASE = "random:flan-t5-small"
 NEW_TOKENS = 32
+PROMPT_TOKENS = 64
 ADAPTERS = ["a", "b", "c", "d"]
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, tokenizer) -> list[str]:
+    """n different prompts of PROMPT_TOKENS tokens each (the end-of-sequence token included)."""
     words = "the movie was not good at all but the music and the actors were fine".split()
-    return [" ".join(words[(i + k) % len(words)] for k in range(60)) for i in range(n)]
+    texts = []
+    for i in range(n):
+        ids = tokenizer(" ".join(words[(i + k) % len(words)] for k in range(200)), add_special_tokens=False)
+        texts.append(tokenizer.decode(ids["input_ids"][:PROMPT_TOKENS - 1]))
+    assert all(len(tokenizer(t)["input_ids"]) == PROMPT_TOKENS for t in texts)
+    return texts
 
 
 def make_adapters(root: Path) -> dict[str, Path]:
@@ -120,6 +127,26 @@ def peft_asker(paths: dict[str, Path]):
     return ask, lambda: None
 
 
+def targets(rows: list, levels: list[int]) -> str:
+    """Issue 36's targets, against this run's figures."""
+    if not {1, 8, 32} <= set(levels):
+        return "Issue 36's targets need concurrency 1, 8 and 32."
+    got = {(name, level): (figures, ratio) for name, level, figures, ratio in rows}
+    mixed = got["four adapters mixed", 32][0]["req_s"] / got["one adapter", 32][0]["req_s"]
+    p95 = {name: got[name, 8][0]["p95"] / got[name, 1][0]["p95"] for name in ("one adapter", "four adapters mixed")}
+    c32 = {name: got[name, 32][1] for name in p95}
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return (f"Against issue 36's targets: at concurrency 32, {c32['one adapter']:.1f}x (one adapter) and "
+            f"{c32['four adapters mixed']:.1f}x (mixed) the one-at-a-time throughput (target >= 4x: "
+            f"{verdict(min(c32.values()) >= 4)}); four adapters mixed give {mixed:.2f}x the single-adapter throughput "
+            f"at concurrency 32 (target >= 0.8x: {verdict(mixed >= 0.8)}); p95 latency at concurrency 8 is "
+            f"{p95['one adapter']:.1f}x (one adapter) and {p95['four adapters mixed']:.1f}x (mixed) concurrency 1's "
+            f"(target < 3x: {verdict(max(p95.values()) < 3)}).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement")
@@ -129,7 +156,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(Path(tmp))
-        texts = prompts(args.requests)
+        texts = prompts(args.requests, peftlab.load_model(BASE)[1])
         workloads = {"one adapter": [("a", p) for p in texts],
                      "four adapters mixed": [(ADAPTERS[i % 4], p) for i, p in enumerate(texts)]}
         rows = []
@@ -145,7 +172,8 @@ def main() -> None:
         stop()
     lines = [f"`python bench/serve.py --requests {args.requests} --concurrency {args.concurrency}` "
              f"({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads): {BASE}, prompts of 60 words, {NEW_TOKENS} new tokens, greedy. "
+             f"{torch.get_num_threads()} threads): {BASE}, prompts of {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
+             "greedy. "
              "The baseline is peft's model answering one request at a time (HF generate, set_adapter per request).",
              "", "| workload | concurrency | req/s | tokens/s | p50 s | p95 s | throughput vs one at a time |",
              "|---|---|---|---|---|---|---|"]
@@ -155,6 +183,7 @@ def main() -> None:
     for name, level, figures, ratio in rows:
         lines.append(f"| {name}, peftlab serve | {level} | {figures['req_s']:.2f} | {figures['tok_s']:.1f} | "
                      f"{figures['p50']:.2f} | {figures['p95']:.2f} | {ratio:.2f}x |")
+    lines += ["", targets(rows, levels)]
     lines += ["", "Batching is per decoding step (docs/serving.md): a request joins the running batch at the next "
               "step. The baseline and the server run in the same Python process, measured one after the other, not "
               "interleaved: a single run is good to about +-10%."]

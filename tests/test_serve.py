@@ -121,15 +121,46 @@ def test_sixteen_concurrent_requests_over_four_models_each_equal_their_answer_al
 
 
 def test_a_streamed_completion_joins_to_the_plain_one_and_usage_counts_tokens(client, server):
-    plain = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=8, temperature=0)
-    pieces = [c.choices[0].text for c in client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=8,
-                                                                   temperature=0, stream=True) if c.choices]
-    assert "".join(pieces) == plain.choices[0].text
+    plain = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == plain.choices[0].text and len([p for p in pieces if p]) > 2
+    assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].usage == plain.usage and not chunks[-1].choices
     tokenizer = peftlab.load_model("random:t5-tiny")[1]
     assert plain.usage.prompt_tokens == len(tokenizer(PROMPTS[1])["input_ids"])
     assert plain.usage.completion_tokens == len(tokenizer(plain.choices[0].text, add_special_tokens=False)
                                                 ["input_ids"])
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+
+def test_a_stream_sends_each_word_as_it_is_decoded(runs):
+    """Pieces leave while the answer is still being decoded (the decoding step count grows between them), and
+    join to the answer."""
+    from peftlab.serve import build_engine
+    from peftlab.serve.engine import Request
+
+    engine = build_engine(model="random:t5-tiny", adapters={"a": str(runs / "adapters" / "a")}, device="cpu",
+                          max_tokens=32)
+    pieces: list[tuple[str, int]] = []
+    try:
+        request = Request(PROMPTS[0], "a", 24, on_text=lambda piece: pieces.append((piece, len(engine.batch_sizes))))
+        completion = engine.submit(request).result(timeout=60)
+    finally:
+        engine.close()
+    assert "".join(piece for piece, _ in pieces) == completion.text
+    assert len(pieces) > 2 and pieces[0][1] < pieces[-2][1] < pieces[-1][1], pieces
+
+
+@pytest.mark.parametrize("text,stops,expected", [
+    ("w 1 1", [], "w 1 "), ("w 1 1 ", [], "w 1 1 "), ("word", [], ""), ("a b\nc", [], "a b\n"),
+    ("w 1 ", [" 2"], "w 1"), ("w 1 ", ["1 2"], "w "), ("a b ", ["zz"], "a b "),
+])
+def test_a_partial_answer_streams_only_what_more_tokens_cannot_change(text, stops, expected):
+    from peftlab.serve.engine import settled
+
+    assert settled(text, stops) == expected
 
 
 def test_list_prompts_n_and_stop(client):
@@ -280,10 +311,12 @@ def test_chat_completions_format_the_messages_with_the_chat_template():
                                           max_tokens=6, temperature=0)
         assert chat.choices[0].message.content == plain.choices[0].text
         assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 6
-        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        chunks = [c for c in client.chat.completions.create(
             model="random:llama-tiny", max_tokens=6, temperature=0, stream=True,
             messages=[{"role": "user", "content": "hello there"}]) if c.choices]
-        assert "".join(pieces) == chat.choices[0].message.content
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
 def test_classify_returns_labels_with_probabilities(tmp_path):
@@ -319,6 +352,11 @@ def test_a_client_that_disconnects_mid_stream_does_not_stop_the_server(server, c
     # closed after one event; the next requests are answered as before
     replies = [client.completions.create(model=m, prompt="w2", max_tokens=4, temperature=0) for m in ("a", "b")]
     assert all(r.choices for r in replies)
+    gone = 'peftlab_requests_total{adapter="a",endpoint="completions",status="499"}'
+    deadline = time.time() + 10
+    while gone not in (text := httpx.get(f"{server}/metrics").text) and time.time() < deadline:
+        time.sleep(0.1)
+    assert gone in text  # counted as the client gone, its jobs cancelled
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bart-tiny"])
@@ -347,31 +385,63 @@ def test_requests_joining_a_running_batch_answer_as_alone(preset):
     assert max(engine.batch_sizes) > 1  # they did share decoding steps
 
 
-@pytest.mark.parametrize("preset", ["t5-tiny", "bart-tiny", "gpt2-tiny", "llama-tiny"])
-def test_a_sequence_joining_at_each_step_decodes_as_alone(preset):
-    """The decoder itself, admissions staggered deterministically: one new request at every decoding step."""
-    from peftlab.eval.generation import generate_ids
-    from peftlab.models import resolve_task
+JOBS = [("hello there", 12), ("a b c d e f", 3), ("x", 9), ("the quick brown fox", 7), ("w3 a0", 10), ("one two", 5)]
+
+
+def decoded_staggered(model, tokenizer, task: str, admitted: int) -> list[list[int]]:
+    """The decoder itself, admissions staggered deterministically: `admitted` new requests of JOBS at every
+    decoding step, their prompts (of different lengths) prefilled as one padded batch."""
     from peftlab.serve.decode import Decoder
     from peftlab.serve.engine import Request
 
-    model, tokenizer = peftlab.load_model(f"random:{preset}")
-    task = resolve_task(f"random:{preset}")
-    jobs = [("hello there", 12), ("a b c d e f", 3), ("x", 9), ("the quick brown fox", 7), ("w3 a0", 10),
-            ("one two", 5)]
     decoder = Decoder(model, tokenizer, task, 512)
-    sequences, active, pending = [], [], list(jobs)
+    sequences, active, pending = [], [], list(JOBS)
     while pending or active:
         if pending:
-            prompt, tokens = pending.pop(0)
-            sequences.append(decoder.prefill(Request(prompt, BASE, tokens)))
-            if not decoder.done(sequences[-1]):
-                active.append(sequences[-1])
+            joining = decoder.prefill([Request(prompt, BASE, tokens) for prompt, tokens in pending[:admitted]])
+            del pending[:admitted]
+            sequences += joining
+            active += [s for s in joining if not decoder.done(s)]
         if active:
             decoder.step(active)
             active = [s for s in active if not decoder.done(s)]
-    for (prompt, tokens), sequence in zip(jobs, sequences, strict=True):
-        assert sequence.tokens == generate_ids(model, tokenizer, [prompt], task, max_new_tokens=tokens)[0][0], prompt
+    return [s.tokens for s in sequences]
+
+
+@pytest.mark.parametrize("admitted", [1, 3, 6], ids=["one-a-step", "three-a-step", "all-at-once"])
+@pytest.mark.parametrize("preset", ["t5-tiny", "bart-tiny", "gpt2-tiny", "llama-tiny"])
+def test_sequences_joining_at_steps_decode_as_alone(preset, admitted):
+    from peftlab.eval.generation import generate_ids
+    from peftlab.models import resolve_task
+
+    model, tokenizer = peftlab.load_model(f"random:{preset}")
+    task = resolve_task(f"random:{preset}")
+    for (prompt, tokens), decoded in zip(JOBS, decoded_staggered(model, tokenizer, task, admitted), strict=True):
+        assert decoded == generate_ids(model, tokenizer, [prompt], task, max_new_tokens=tokens)[0][0], prompt
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny"])
+def test_the_models_generation_config_applies_as_in_hf_generate(preset):
+    """Repetition penalty, n-gram blocking, minimum lengths and a list of end tokens from the model's generation
+    config: the served tokens equal HF generate's under the same config, and differ from those without it."""
+    from collections import Counter
+
+    from peftlab.eval.generation import generate_ids
+    from peftlab.models import resolve_task
+
+    model, tokenizer = peftlab.load_model(f"random:{preset}")
+    task = resolve_task(f"random:{preset}")
+    plain = decoded_staggered(model, tokenizer, task, 3)
+    config = model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size = 1.3, 3
+    penalized = decoded_staggered(model, tokenizer, task, 3)
+    frequent = Counter(t for tokens in penalized for t in tokens[1:-1]).most_common(1)[0][0]  # an end that comes early
+    config.eos_token_id, config.min_new_tokens = [tokenizer.eos_token_id, frequent], 2
+    served = decoded_staggered(model, tokenizer, task, 3)
+    for (prompt, tokens), decoded in zip(JOBS, served, strict=True):
+        assert decoded == generate_ids(model, tokenizer, [prompt], task, max_new_tokens=tokens)[0][0], prompt
+    assert served != plain
+    assert any(2 <= len(s) < tokens for s, (_, tokens) in zip(served, JOBS, strict=True))  # ended early, not too early
 
 
 BASE = "__base__"

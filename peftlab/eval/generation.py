@@ -22,6 +22,13 @@ def generate(model: nn.Module, tokenizer, sources: Sequence[str], task: str, bat
     return [o.strip() for o in tokenizer.batch_decode([i for i, _ in ids], skip_special_tokens=True)]
 
 
+def end_tokens(model: nn.Module, tokenizer) -> set[int]:
+    """The ids that end a generated sequence: the tokenizer's end of sequence and the model's generation config's
+    (one id or a list, as Llama 3's)."""
+    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return {t for t in [tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends])] if t is not None}
+
+
 @torch.no_grad()
 def generate_ids(model: nn.Module, tokenizer, sources: Sequence[str], task: str, batch_size: int = 8,
                  max_new_tokens: int = 64, num_beams: int = 1, max_source_length: int = 512, on_batch=None,
@@ -38,7 +45,7 @@ def generate_ids(model: nn.Module, tokenizer, sources: Sequence[str], task: str,
     side = "left" if task == "causal" else "right"  # a causal prompt ends where the output starts, and keeps its end
     tokenizer.padding_side = side
     _check_positions(model.config, tokenizer, sources, task, max_new_tokens, max_source_length, side)
-    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    ends = end_tokens(model, tokenizer) | ({tokenizer.pad_token_id} - {None})
     for start in range(0, len(sources), batch_size):
         chunk = list(sources[start:start + batch_size])
         with truncation_side(tokenizer, side):

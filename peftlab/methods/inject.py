@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -166,15 +167,24 @@ class ModulesToSave(nn.Module):
         return result
 
 
-def rows_by_adapter(names: list[str], x: torch.Tensor, loaded) -> list[tuple[str, torch.Tensor]]:
-    """(adapter, row indices of x) for each adapter of a mixed batch that this layer holds. Names are per
-    example; generation repeats each example num_beams times, so they stretch to x's rows."""
+def rows_by_adapter(names: list[str], x: torch.Tensor, loaded) -> list[tuple[str, torch.Tensor | slice]]:
+    """(adapter, row indices of x) for each adapter of a mixed batch that this layer holds; `slice(None)` when
+    every row goes through the one adapter, so callers index with a view. Names are per example; generation
+    repeats each example num_beams times, so they stretch to x's rows."""
     if x.shape[0] % len(names):
         raise RuntimeError(f"a batch of {x.shape[0]} rows does not fit {len(names)} adapter names")
-    repeat = x.shape[0] // len(names)
+    groups = _row_groups(tuple(names), x.shape[0] // len(names), x.device)
+    return [(name, rows) for name, rows in groups if name in loaded]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_groups(names: tuple[str, ...], repeat: int, device: torch.device) -> list[tuple[str, torch.Tensor | slice]]:
+    """Cached: every adapter layer of a forward pass asks for the same grouping."""
     per_row = [n for n in names for _ in range(repeat)]
-    return [(name, torch.tensor([i for i, n in enumerate(per_row) if n == name], device=x.device))
-            for name in dict.fromkeys(per_row) if name in loaded]
+    if len(set(per_row)) == 1:
+        return [(per_row[0], slice(None))]
+    return [(name, torch.tensor([i for i, n in enumerate(per_row) if n == name], device=device))
+            for name in dict.fromkeys(per_row)]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -346,13 +356,14 @@ def set_active(model: nn.Module, adapter: str) -> None:
 
 
 @contextlib.contextmanager
-def per_example_adapters(model: nn.Module, names: list[str]):
-    """Inside the block, example i of each batch runs through adapter names[i] ("__base__": none)."""
+def per_example_adapters(model: nn.Module, names: list[str], layers: list[nn.Module] | None = None):
+    """Inside the block, example i of each batch runs through adapter names[i] ("__base__": none). `layers`:
+    the model's `adapter_layers`, for a caller that steps often and keeps them."""
     loaded = set(getattr(model, ADAPTERS_ATTR, {}))
     unknown = sorted(set(names) - loaded - {BASE_NAME})
     if unknown:
         raise PeftlabError(f"unknown adapter(s) {unknown}; loaded: {sorted(loaded)} (or {BASE_NAME!r} for none)")
-    layers = adapter_layers(model).values()
+    layers = adapter_layers(model).values() if layers is None else layers
     for module in layers:
         module.batch_adapters = list(names)
     try:

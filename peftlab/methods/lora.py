@@ -248,8 +248,11 @@ class LoraLayer(AdapterLayer):
         """Each example through its own adapter (names not loaded here, e.g. "__base__", get none)."""
         if self.merged_adapters:
             raise RuntimeError("unmerge adapters before running a mixed batch")
+        groups = rows_by_adapter(self.batch_adapters, x, self.lora_A)
+        if len(groups) == 1 and isinstance(groups[0][1], slice):  # one adapter for all: no copy, no indexing
+            return result + self.adapter_delta(x, groups[0][0], result).to(result.dtype)
         result = result.clone()
-        for name, rows in rows_by_adapter(self.batch_adapters, x, self.lora_A):
+        for name, rows in groups:
             result[rows] += self.adapter_delta(x[rows], name, result[rows]).to(result.dtype)
         return result
 

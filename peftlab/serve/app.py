@@ -4,6 +4,7 @@ and Prometheus metrics. Every bad request gets its status code and a one-line me
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -39,6 +40,7 @@ class Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
 
 
 class CompletionBody(Sampling):
@@ -66,6 +68,10 @@ class ClassifyBody(BaseModel):
     input: str | list[str]
 
 
+def error_body(status: int, message: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -87,7 +93,7 @@ def build_app(engine: Engine, api_key: str | None = None, allow_loading: bool = 
     seen_batches = [0]
 
     def error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+        return JSONResponse(error_body(status, message, kind), status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -125,25 +131,34 @@ def build_app(engine: Engine, api_key: str | None = None, allow_loading: bool = 
     def count(endpoint: str, adapter: str, status: int) -> None:
         metrics.requests.labels(endpoint, adapter, str(status)).inc()
 
-    async def run(jobs: list[Job]) -> list:
-        for job in jobs:
+    def submit(jobs: list[Job]) -> None:
+        """All of the jobs queued, or none (503 when the queue is full)."""
+        for i, job in enumerate(jobs):
             try:
                 engine.submit(job)
             except QueueFull as e:
+                for queued in jobs[:i]:
+                    queued.cancel()
                 raise ApiError(503, str(e), "server_busy", {"Retry-After": "1"}) from None
         metrics.queue.set(engine.queue.qsize())
+
+    def observe_batches() -> None:
+        for size in engine.batch_sizes[seen_batches[0]:]:
+            metrics.batch.observe(size)
+        seen_batches[0] = len(engine.batch_sizes)
+
+    async def run(jobs: list[Job]) -> list:
+        submit(jobs)
         try:
             results = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)),
                                              request_timeout)
         except TimeoutError:
             for job in jobs:
-                job.future.cancel()
+                job.cancel()
             raise ApiError(504, f"the request took longer than {request_timeout} s", "timeout") from None
         except PeftlabError as e:
             raise ApiError(400, str(e)) from None
-        for size in engine.batch_sizes[seen_batches[0]:]:
-            metrics.batch.observe(size)
-        seen_batches[0] = len(engine.batch_sizes)
+        observe_batches()
         return results
 
     def jobs_for(prompts: list[str], adapter: str, body) -> list[Job]:
@@ -187,6 +202,12 @@ def build_app(engine: Engine, api_key: str | None = None, allow_loading: bool = 
         if not prompts:
             raise ApiError(400, "prompt is empty: send a string or a list of strings")
         jobs = jobs_for(prompts, adapter, body)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model}
+        if body.stream:
+            return stream(jobs, body, head, "completions",
+                          lambda i, piece, reason=None: {"index": i, "text": piece, "logprobs": None,
+                                                         "finish_reason": reason})
         try:
             results = await run(jobs)
         except ApiError as e:
@@ -196,14 +217,9 @@ def build_app(engine: Engine, api_key: str | None = None, allow_loading: bool = 
         metrics.tokens.labels(body.model).inc(sum(r.completion_tokens for r in results))
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
-        usage = usage_of(results, len(body.prompt) if isinstance(body.prompt, list) else 1, body.n)
-        reply = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                 "model": body.model, "choices": choices, "usage": usage}
-        if body.stream:
-            return stream(reply, lambda c, piece: {**c, "text": piece}, "text_completion")
-        return reply
+        return head | {"choices": choices, "usage": usage_of(results, body.n)}
 
-    def usage_of(results, prompts: int, n: int) -> dict[str, int]:
+    def usage_of(results, n: int) -> dict[str, int]:
         prompt_tokens = sum(r.prompt_tokens for r in results[::n])  # each prompt once, whatever n
         completion = sum(r.completion_tokens for r in results)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -219,32 +235,70 @@ def build_app(engine: Engine, api_key: str | None = None, allow_loading: bool = 
             prompt = engine.tokenizer.apply_chat_template(body.messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:
             raise ApiError(400, f"messages cannot be formatted: {' '.join(str(e).split())[:200]}") from None
-        results = await run(jobs_for([prompt], adapter, body))
+        jobs = jobs_for([prompt], adapter, body)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.model}
+        if body.stream:
+            return stream(jobs, body, head | {"object": "chat.completion.chunk"}, "chat",
+                          lambda i, piece, reason=None: {"index": i, "delta": {"content": piece} if piece else {},
+                                                         "logprobs": None, "finish_reason": reason},
+                          first=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None})
+        results = await run(jobs)
         count("chat", body.model, 200)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
                     "finish_reason": r.finish_reason} for i, r in enumerate(results)]
-        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                 "model": body.model, "choices": choices, "usage": usage_of(results, 1, body.n)}
-        if body.stream:
-            return stream(reply, lambda c, piece: {"index": c["index"], "delta": {"content": piece},
-                                                   "logprobs": None, "finish_reason": None}, "chat.completion.chunk")
-        return reply
+        return head | {"choices": choices, "usage": usage_of(results, body.n)}
 
-    def stream(reply: dict, piece_of, kind: str) -> StreamingResponse:
-        """Server-sent events: each choice's text in word-sized pieces, then the finish reasons, then [DONE]."""
+    def stream(jobs: list[Job], body: Sampling, head: dict, endpoint: str, choice, first=None) -> StreamingResponse:
+        """Server-sent events as the tokens come: pieces of each choice's text (`choice(index, piece)`), its finish
+        reason when it ends, the usage if asked, then [DONE]. A client that goes away cancels its jobs."""
+        loop, arrivals = asyncio.get_running_loop(), asyncio.Queue()
+
+        def arrive(i: int, piece_or_future) -> None:  # called from the engine's worker thread
+            loop.call_soon_threadsafe(arrivals.put_nowait, (i, piece_or_future))
+
+        for i, job in enumerate(jobs):
+            job.on_text = functools.partial(arrive, i)
+            job.future.add_done_callback(functools.partial(arrive, i))
+        try:
+            submit(jobs)
+        except ApiError as e:
+            count(endpoint, body.model, e.status)
+            raise
+
+        def event(choices: list, **extra) -> str:
+            return f"data: {json.dumps(head | {'choices': choices} | extra)}\n\n"
+
         async def events():
-            for choice in reply["choices"]:
-                text = choice.get("text", choice.get("message", {}).get("content", ""))
-                pieces = [p for p in _pieces(text)] or [""]
-                for piece in pieces:
-                    chunk = {"id": reply["id"], "object": kind, "created": reply["created"], "model": reply["model"],
-                             "choices": [piece_of(choice, piece) | {"finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                last = piece_of(choice, "") | {"finish_reason": choice["finish_reason"]}
-                if kind == "chat.completion.chunk":
-                    last["delta"] = {}
-                yield f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n"
-            yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': reply['usage']})}\n\n"
+            results, deadline = {}, loop.time() + request_timeout
+            status = 499  # unless it ends below: the client went away
+            try:
+                for i in range(len(jobs) if first else 0):
+                    yield event([first(i)])
+                while len(results) < len(jobs):
+                    i, arrival = await asyncio.wait_for(arrivals.get(), max(deadline - loop.time(), 0))
+                    if isinstance(arrival, str):
+                        yield event([choice(i, arrival)])
+                        continue
+                    results[i] = arrival.result()
+                    yield event([choice(i, "", results[i].finish_reason)])
+                ordered = [results[i] for i in range(len(jobs))]
+                metrics.tokens.labels(body.model).inc(sum(r.completion_tokens for r in ordered))
+                if (body.stream_options or {}).get("include_usage"):
+                    yield event([], usage=usage_of(ordered, body.n))
+                status = 200
+            except TimeoutError:
+                status = 504
+                yield f"data: {json.dumps(error_body(status, f'the request took longer than {request_timeout} s'))}\n\n"
+            except Exception as e:  # the answer failed after the stream began: said in the stream, as vLLM does
+                status = 400 if isinstance(e, PeftlabError) else 500
+                yield f"data: {json.dumps(error_body(status, ' '.join(str(e).split())))}\n\n"
+            finally:
+                for job in jobs:
+                    job.cancel()  # nothing for finished ones; frees the batch's place of those still decoding
+                count(endpoint, body.model, status)
+                observe_batches()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -289,9 +343,3 @@ def build_app(engine: Engine, api_key: str | None = None, allow_loading: bool = 
 
     return app
 
-
-def _pieces(text: str) -> list[str]:
-    """Word-sized pieces that join to `text` exactly."""
-    import re
-
-    return re.findall(r"\s*\S+|\s+$", text)

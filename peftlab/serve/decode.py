@@ -10,16 +10,25 @@ its own tokens only, so a greedy answer does not depend on what else is in the b
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.modeling_outputs import BaseModelOutput
 
 from peftlab.data.tasks import truncation_side
-from peftlab.methods.inject import per_example_adapters
+from peftlab.eval.generation import end_tokens
+from peftlab.methods.inject import adapter_layers, per_example_adapters
 from peftlab.models import position_limit
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape (1, heads, length, head size)
@@ -38,6 +47,7 @@ class Sequence:
     encoder: torch.Tensor | None = None  # (1, source length, hidden): seq2seq only
     cross_kv: KV | None = None
     tokens: list[int] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)  # what generate's processors see before `tokens`
 
 
 @dataclass
@@ -58,9 +68,14 @@ class Decoder:
         self.model, self.tokenizer, self.task, self.max_prompt_tokens = model, tokenizer, task, max_prompt_tokens
         self.device = next(model.parameters()).device
         config = model.generation_config
-        self.ends = {t for t in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)) if t is not None}
+        self.ends = end_tokens(model, tokenizer)
         self.forced_bos = getattr(config, "forced_bos_token_id", None)
         self.forced_eos = getattr(config, "forced_eos_token_id", None)
+        self.processors = generation_processors(config, self.ends)
+        self.min_new_tokens = getattr(config, "min_new_tokens", None) or 0
+        # transformers 5 renamed past_key_values to cache; either is accepted, the newer one preferred
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.layers: list | None = None  # the model's adapter layers, found again after an adapter loads
         # A seq2seq decoder with learned positions (BART) takes each row's position from the batch's cache length,
         # not from position_ids: its rows are stepped in groups of one length. T5's relative positions and causal
         # LMs' position_ids take left padding.
@@ -68,32 +83,48 @@ class Decoder:
         self.batch: Batch | None = None
 
     def adapters(self, names: list[str]):
-        return adapters_for(self.model, names)
+        if self.layers is None:
+            self.layers = list(adapter_layers(self.model).values())
+        return adapters_for(self.model, names, self.layers)
+
+    def adapters_changed(self) -> None:
+        self.layers = None
 
     @torch.no_grad()
-    def prefill(self, request) -> Sequence:
+    def prefill(self, requests: list) -> list[Sequence]:
+        """The prompts of newly admitted requests, run as one padded batch (each row through its own adapter):
+        each gets its own cache, without the padding, and its first token."""
         side = "left" if self.task == "causal" else "right"  # a causal prompt keeps its end
         with truncation_side(self.tokenizer, side):
-            ids = self.tokenizer(request.prompt, truncation=True, max_length=self.max_prompt_tokens,
-                                 return_tensors="pt")["input_ids"].to(self.device)
-        generator = None
-        if not request.greedy:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        with self.adapters([request.adapter]):
+            prompts = [self.tokenizer(r.prompt, truncation=True, max_length=self.max_prompt_tokens)["input_ids"]
+                       for r in requests]
+        lengths = [len(p) for p in prompts]
+        pads = [max(lengths) - n for n in lengths]
+        filler = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor(_padded(prompts, filler, side), device=self.device)
+        mask = torch.tensor(_padded([[1] * n for n in lengths], 0, side), device=self.device)
+        with self.adapters([r.adapter for r in requests]):
             if self.task == "causal":
-                out = self.model(input_ids=ids, use_cache=True)
-                sequence = Sequence(request, ids.shape[1], _layers(out.past_key_values), ids.shape[1], 0, generator)
-            else:
-                encoder = self.model.get_encoder()(input_ids=ids).last_hidden_state
-                start = torch.tensor([[self.model.config.decoder_start_token_id]], device=self.device)
-                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder), decoder_input_ids=start,
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                  use_cache=True)
-                cache = out.past_key_values
-                sequence = Sequence(request, ids.shape[1], _layers(cache.self_attention_cache), 1, 0, generator,
-                                    encoder, _layers(cache.cross_attention_cache))
-        sequence.next_token = self.choose(sequence, out.logits[0, -1])
-        return sequence
+                kv = _layers(self._cache(out))
+                sequences = [Sequence(r, n, _rows(kv, row, slice(pad, None)), n, 0, _generator(r, self.device),
+                                      context=p)
+                             for row, (r, n, pad, p) in enumerate(zip(requests, lengths, pads, prompts, strict=True))]
+            else:
+                encoder = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                start = [self.model.config.decoder_start_token_id]
+                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder), attention_mask=mask,
+                                 decoder_input_ids=torch.tensor([start] * len(requests), device=self.device),
+                                 use_cache=True)
+                cache = self._cache(out)
+                own, cross = _layers(cache.self_attention_cache), _layers(cache.cross_attention_cache)
+                sequences = [Sequence(r, n, _rows(own, row, slice(None)), 1, 0, _generator(r, self.device),
+                                      encoder[row:row + 1, :n], _rows(cross, row, slice(0, n)), context=start)
+                             for row, (r, n) in enumerate(zip(requests, lengths, strict=True))]
+        for row, sequence in enumerate(sequences):
+            sequence.next_token = self.choose(sequence, out.logits[row, -1])
+        return sequences
 
     def step(self, sequences: list[Sequence]) -> None:
         """One decoding step for every sequence: each gets its next token. While the running sequences stay the
@@ -140,15 +171,20 @@ class Decoder:
             if self.task == "causal":
                 positions = torch.tensor([[s.length] for s in rows], device=self.device)
                 out = self.model(input_ids=tokens, attention_mask=batch.mask, position_ids=positions,
-                                 past_key_values=batch.cache, use_cache=True)
+                                 use_cache=True, **{self.cache_arg: batch.cache})
             else:
                 out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoder),
                                  attention_mask=batch.encoder_mask, decoder_input_ids=tokens,
-                                 decoder_attention_mask=batch.mask, past_key_values=batch.cache, use_cache=True)
-        batch.cache = out.past_key_values
+                                 decoder_attention_mask=batch.mask, use_cache=True, **{self.cache_arg: batch.cache})
+        batch.cache = self._cache(out)
+        logits = out.logits[:, -1]
+        best = logits.argmax(-1).tolist()  # one call for every greedy row
         for row, sequence in enumerate(rows):
             sequence.length += 1
-            sequence.next_token = self.choose(sequence, out.logits[row, -1])
+            sequence.next_token = self.choose(sequence, logits[row], best[row])
+
+    def _cache(self, out):
+        return getattr(out, self.cache_arg)
 
     def _unpack(self, batch: Batch, keep: list[Sequence]) -> None:
         """Each row of `batch` that is in `keep` gets its own cache back, without the padding."""
@@ -160,16 +196,23 @@ class Decoder:
                 pad = longest - sequence.length
                 sequence.self_kv = [(k[row:row + 1, :, pad:], v[row:row + 1, :, pad:]) for k, v in layers]
 
-    def choose(self, sequence: Sequence, logits: torch.Tensor) -> int:
-        """The next token: greedy, or sampled with the request's temperature, top_p and seed; the model's forced
-        first and last tokens (BART's) as HF generate forces them."""
+    def choose(self, sequence: Sequence, logits: torch.Tensor, best: int | None = None) -> int:
+        """The next token: greedy, or sampled with the request's temperature, top_p and seed, after the model's
+        generation config (repetition penalty, n-gram blocking, minimum length; forced first and last tokens, as
+        BART's) as HF generate applies it. `best`: the logits' argmax, when already taken."""
         step, request = len(sequence.tokens), sequence.request
         if step == 0 and self.forced_bos is not None:
             return int(self.forced_bos)
         if step == request.max_tokens - 1 and self.forced_eos is not None:
             return int(self.forced_eos)
+        if self.processors:
+            ids = torch.tensor([sequence.context + sequence.tokens], device=logits.device)
+            logits, best = self.processors(ids, logits[None].float())[0], None
+        if step < self.min_new_tokens and self.ends:
+            logits, best = logits.float().index_fill(-1, torch.tensor(sorted(self.ends), device=logits.device),
+                                                     -float("inf")), None
         if request.greedy:
-            return int(logits.argmax())
+            return int(logits.argmax()) if best is None else best
         probs = torch.softmax(logits.float() / request.temperature, -1)
         if request.top_p < 1:
             ordered, order = probs.sort(descending=True)
@@ -194,6 +237,27 @@ def _layers(cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _rows(kv: KV, row: int, positions: slice) -> KV:
+    """One row's keys and values (and only `positions` of them) out of a batch's."""
+    return [(k[row:row + 1, :, positions], v[row:row + 1, :, positions]) for k, v in kv]
+
+
+def _padded(rows: list[list[int]], filler: int, side: str) -> list[list[int]]:
+    """The rows padded with `filler` to the longest, on the left or the right."""
+    longest = max(len(row) for row in rows)
+    return [[filler] * (longest - len(row)) + row if side == "left" else row + [filler] * (longest - len(row))
+            for row in rows]
+
+
+def _generator(request, device: torch.device) -> torch.Generator | None:
+    """A sampled request's own random stream (its seed, or a fresh one)."""
+    if request.greedy:
+        return None
+    generator = torch.Generator(device)
+    generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+    return generator
+
+
 def _stack(per_sequence: list[KV], pads: list[int], left: bool) -> DynamicCache:
     """One cache of the sequences' caches, each padded by its own amount along the length (left or right)."""
     cache = DynamicCache()
@@ -207,8 +271,22 @@ def _stack(per_sequence: list[KV], pads: list[int], left: bool) -> DynamicCache:
     return cache
 
 
-def adapters_for(model, names: list[str]):
+def adapters_for(model, names: list[str], layers: list | None = None):
     """Each example through its own adapter; a base without adapters runs as it is."""
     if getattr(model, "peftlab_adapters", None):
-        return per_example_adapters(model, names)
+        return per_example_adapters(model, names, layers)
     return contextlib.nullcontext()
+
+
+def generation_processors(config, ends: set[int]) -> LogitsProcessorList:
+    """The model's generation-config settings that change a greedy or sampled answer, as HF generate's own
+    processors, applied to each sequence's tokens (a causal prompt included, as generate counts it)."""
+    processors = LogitsProcessorList()
+    eos = sorted(ends)
+    if (penalty := getattr(config, "repetition_penalty", None)) not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+    if ngram := getattr(config, "no_repeat_ngram_size", None):
+        processors.append(NoRepeatNGramLogitsProcessor(ngram))
+    if eos and (least := getattr(config, "min_length", None)):
+        processors.append(MinLengthLogitsProcessor(least, eos))
+    return processors

@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,19 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    on_text: Callable[[str], None] | None = None  # streaming: called (from the worker) with each new piece of text
     future: Future = field(default_factory=Future)
+    sent: str = ""  # the text streamed so far
+    abandoned: bool = False  # its client is gone: the worker drops it at the next step
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def cancel(self) -> None:
+        """Stop working on it, whether it waits or runs (a running Future cannot be cancelled itself)."""
+        self.abandoned = True
+        self.future.cancel()
 
 
 @dataclass
@@ -87,12 +96,16 @@ class Engine:
         with self.lock:
             load_adapter(self.model, path, name)
             self.model.eval()
+            if self.decoder:
+                self.decoder.adapters_changed()
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
             raise PeftlabError(f"no adapter named {name!r} is served; served: {self.adapters}")
         with self.lock:
             remove_adapter(self.model, name)
+            if self.decoder:
+                self.decoder.adapters_changed()
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str) -> int:
@@ -111,14 +124,11 @@ class Engine:
         while not (self.stopping.is_set() and not active and self.queue.empty()):
             waiting = self._admit(self.max_batch_size - len(active), block=not active)
             with self.lock:
-                for request in waiting:
-                    sequence = self._guarded([request], functools.partial(self.decoder.prefill, request))
-                    if sequence is not None and not self._retired(sequence):
-                        active.append(sequence)
+                active += [s for s in self._prefilled(waiting) if not self._retired(s)]
                 served = {*self.adapters, BASE_NAME}
-                for gone in [s for s in active if s.request.adapter not in served or s.request.future.cancelled()]:
-                    active.remove(gone)
+                for gone in [s for s in active if s.request.adapter not in served]:
                     self._fail(gone.request, PeftlabError(f"adapter {gone.request.adapter!r} was unloaded"))
+                active = [s for s in active if s.request.adapter in served and not s.request.abandoned]
                 if not active:
                     continue
                 self.batch_sizes.append(len(active))
@@ -126,6 +136,21 @@ class Engine:
                     active.clear()  # those requests failed; the server goes on with the next
                     continue
                 active = [s for s in active if not self._retired(s)]
+                for sequence in active:
+                    self._stream(sequence)
+
+    def _prefilled(self, requests: list[Request]) -> list[Sequence]:
+        """The requests' prompts run as one batch; if that fails, each alone, so only a bad one fails."""
+        if not requests:
+            return []
+        try:
+            return self.decoder.prefill(requests)
+        except Exception as e:
+            if len(requests) == 1:
+                self._fail(requests[0], e)
+                return []
+        alone = [self._guarded([r], functools.partial(self.decoder.prefill, [r])) for r in requests]
+        return [s[0] for s in alone if s is not None]
 
     def _admit(self, room: int, block: bool) -> list[Request]:
         """Up to `room` waiting requests (waiting briefly for one when nothing runs)."""
@@ -135,7 +160,7 @@ class Engine:
                 request = self.queue.get(timeout=0.1) if block and not admitted else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if request.future.set_running_or_notify_cancel():
+            if not request.abandoned and request.future.set_running_or_notify_cancel():
                 admitted.append(request)
         return admitted
 
@@ -159,8 +184,23 @@ class Engine:
         if not self.decoder.done(sequence):
             return False
         if not sequence.request.future.done():
-            sequence.request.future.set_result(self._finish(sequence.request, sequence.tokens, sequence.prompt_tokens))
+            completion = self._finish(sequence.request, sequence.tokens, sequence.prompt_tokens)
+            self._stream(sequence, completion.text)
+            sequence.request.future.set_result(completion)
         return True
+
+    def _stream(self, sequence: Sequence, final: str | None = None) -> None:
+        """A streaming request gets the text it gained since its last piece: while decoding, only what later
+        tokens cannot change (up to the last space, short of a partial character or the start of a stop
+        string), so the pieces join to the final text; at the end, the rest."""
+        request = sequence.request
+        if request.on_text is None:
+            return
+        text = final if final is not None else settled(self.tokenizer.decode(sequence.tokens, skip_special_tokens=True),
+                                                       request.stop)
+        if len(text) > len(request.sent) and text.startswith(request.sent):
+            request.on_text(text[len(request.sent):])
+            request.sent = text
 
     def _finish(self, request: Request, ids: list[int], prompt_tokens: int) -> Completion:
         """Cut a row at its own max_tokens and stop strings."""
@@ -189,6 +229,18 @@ class Engine:
             time.sleep(0.05)
         self.stopping.set()
         self.worker.join(timeout=max(deadline - time.time(), 1))
+
+
+def settled(text: str, stops: list[str]) -> str:
+    """The part of a partial answer that more tokens will not change: up to its last whitespace (a word or a
+    multi-byte character may still be growing), and short of any ending that could begin a stop string."""
+    text = text[:max(text.rfind(" "), text.rfind("\n")) + 1]
+    for stop in (s for s in stops if s):
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                text = text[:-k]
+                break
+    return text
 
 
 def check_under_root(path: str, root: str | None) -> Path:
