@@ -41,7 +41,7 @@ bench-allocator:
 		{ apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; }; \
 	else \
 		echo "make bench: tcmalloc is not installed (apt install libtcmalloc-minimal4): peftlab runs on" \
-			"$$($(BIN)/python -c 'import os; from peftlab.train.allocator import ENV, choose_library as c; print(c(os.environ.get(ENV, "auto")) or "the system allocator")')"; \
+			"$$($(BIN)/python -c 'import os; from peftlab.accel.allocator import ENV, choose_library as c; print(c(os.environ.get(ENV, "auto")) or "the system allocator")')"; \
 	fi
 
 # the methods table on MiniLM + SST-2 (needs ../shared/data/sst2; about 30 min on 2 cores)

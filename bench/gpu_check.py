@@ -1,6 +1,6 @@
 """One short check for a lent GPU: peftlab against peft + Seq2SeqTrainer on flan-t5-small's architecture, LoRA
 (r 8, q and v) and full fine-tuning, fp32 and bf16, 30 steps each at batch 8: step time, peak CUDA memory and
-the loss trajectories side by side, with the device policy peftlab applied (peftlab/train/policy.py).
+the loss trajectories side by side, with the device policy peftlab applied (peftlab/accel/policy.py).
 
     python bench/gpu_check.py                      # on the GPU (about 5 minutes on an H100)
     python bench/gpu_check.py --device cpu --steps 2 --methods lora --precisions fp32   # a smoke run anywhere
@@ -38,7 +38,7 @@ def peak_mb(device: str) -> float:
 def run_peftlab(data: Path, method: str, precision: str, steps: int, device: str, out: Path) -> dict:
     import torch
 
-    from peftlab.train import policy
+    from peftlab.accel import policy
     from peftlab.train.config import load_config
     from peftlab.train.loop import train
 
@@ -146,7 +146,7 @@ def main() -> None:
     body = "\n".join([f"`python bench/gpu_check.py --device {args.device} --steps {args.steps}` "
                       f"({time.strftime('%Y-%m-%d')}): flan-t5-small architecture, batch {BATCH}, dropout off; the "
                       "first step of each run left out of the median. peftlab's switches on this device: "
-                      "peftlab/train/policy.py.", "", *lines])
+                      "peftlab/accel/policy.py.", "", *lines])
     print(body)
     if args.device.startswith("cuda"):
         sys.path.insert(0, str(HERE))

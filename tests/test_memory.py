@@ -11,13 +11,13 @@ from test_train import run
 from torch import nn
 
 import peftlab
+from peftlab.accel.lean import make_lean
+from peftlab.accel.loss import lm_loss, training_loss
 from peftlab.cli import main
 from peftlab.measure import estimate
 from peftlab.measure.estimate import saved_for_backward, saved_step_bytes, trainable_bytes, weight_bytes
 from peftlab.measure.inspect import checkpoint_bytes, estimate_memory
 from peftlab.methods import LoraConfig
-from peftlab.train.lean import make_lean
-from peftlab.train.loss import lm_loss, training_loss
 
 
 def test_saved_activations_counted_once_and_without_weights():

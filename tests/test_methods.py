@@ -43,6 +43,12 @@ PEFT_CASES = {
               lambda: peft.LNTuningConfig(target_modules=["layer_norm", "final_layer_norm"])),
     "ln-bart": ("bart-tiny", lambda: LNTuningConfig(targets=["self_attn_layer_norm", "final_layer_norm"]),
                 lambda: peft.LNTuningConfig(target_modules=["self_attn_layer_norm", "final_layer_norm"])),
+    # no targets given: each side's defaults for the family (peftlab/archs against peft's own mappings)
+    **{f"{method}-{family}-defaults": (f"{family}-tiny", lambda m=method, f=family: build_config(m, f),
+                                       lambda c=peft_config: c())
+       for family in ("qwen2", "mistral")
+       for method, peft_config in (("lora", peft.LoraConfig), ("ia3", peft.IA3Config),
+                                   ("ln_tuning", peft.LNTuningConfig))},
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftlab.train import policy
+from peftlab.accel import policy
 from peftlab.train.config import RunSection
 from peftlab.train.trainer import Trainer
 
@@ -37,11 +37,11 @@ def run(tmp_path, name, **settings):
 
 
 def test_the_loop_reads_the_table(tmp_path, monkeypatch, capsys):
-    from peftlab.train import lean
+    from peftlab.accel import lean
 
     monkeypatch.setattr(policy, "MEASURED", {})  # as on a device nothing was measured on
     result = run(tmp_path, "unmeasured")
-    assert "Off on cpu (measured on CPU only, peftlab/train/policy.py): lean_kernels, chunked_loss" in \
+    assert "Off on cpu (measured on CPU only, peftlab/accel/policy.py): lean_kernels, chunked_loss" in \
         capsys.readouterr().out
     lean_classes = {obj for obj in vars(lean).values() if isinstance(obj, type) and issubclass(obj, torch.nn.Module)
                     and obj.__module__ == lean.__name__}

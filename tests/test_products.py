@@ -1,4 +1,4 @@
-"""oneDNN linear products (peftlab/train/products.py): the outputs and gradients of F.linear and of peft's
+"""oneDNN linear products (peftlab/accel/products.py): the outputs and gradients of F.linear and of peft's
 LoRA (the chunked loss's: test_loss.py); the backend chosen by CPU vendor; autocast, other dtypes and empty
 inputs left to torch."""
 
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import example_batch
 from test_lora_parity import both
 
+from peftlab.accel import products
+from peftlab.accel.lean import LeanLinear, make_lean
 from peftlab.errors import PeftlabError
-from peftlab.train import products
-from peftlab.train.lean import LeanLinear, make_lean
 
 needs_onednn = pytest.mark.skipif(not products.onednn_available(), reason="needs an x86 CPU and torch with oneDNN")
 

@@ -1,4 +1,4 @@
-"""Recompute instead of keep (peftlab/train/recompute.py): the same loss and gradients bit for bit, the
+"""Recompute instead of keep (peftlab/accel/recompute.py): the same loss and gradients bit for bit, the
 marked activations freed after the forward pass, in-place changes respected."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerFF, T5LayerSelfAttention
 
 from peftlab import apply, load_model
+from peftlab.accel import products, recompute
+from peftlab.accel.lean import NUMPY_MASK_MIN, make_lean, rms_norm
+from peftlab.accel.loss import lm_loss
+from peftlab.accel.recompute import recomputing
 from peftlab.methods import build_config
-from peftlab.train import products, recompute
-from peftlab.train.lean import NUMPY_MASK_MIN, make_lean, rms_norm
-from peftlab.train.loss import lm_loss
-from peftlab.train.recompute import recomputing
 
 
 def lean_model(method: str | None, preset: str = "t5-tiny", linear: bool = False, dropout: float = 0.1,

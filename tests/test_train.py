@@ -12,8 +12,9 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 import peftlab
 import peftlab.eval.runs
+from peftlab.accel import boundary, lean, products
 from peftlab.data.synth import generate, write_jsonl
-from peftlab.train import lean, loop, products
+from peftlab.train import loop
 from peftlab.train.config import load_config
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.state import interrupted_hint
@@ -113,14 +114,14 @@ def test_fused_adamw_takes_the_step_the_plain_loop_takes():
 def test_logged_grad_norm_is_the_clipping_norm_and_lr_follows_schedule(tmp_path, monkeypatch):
     returned = []
 
-    def recording(optimizer, parameters, max_norm, norms=None):
+    def recording(optimizer, parameters, max_norm, norms=None, scaler=None):
         expected = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        value = lean.clipped_step(optimizer, parameters, max_norm, norms)
+        value = lean.clipped_step(optimizer, parameters, max_norm, norms, scaler)
         assert float(value) == pytest.approx(float(expected), rel=1e-6)  # what clip_grad_norm_ clips with
         returned.append(float(value))
         return value
 
-    monkeypatch.setattr(loop, "clipped_step", recording)
+    monkeypatch.setattr(boundary, "clipped_step", recording)
     result = run(tmp_path, "gn", {"model.name": "random:t5-tiny", "run.max_steps": 12, "run.logging_steps": 3,
                                   "optim.warmup_steps": 4, "optim.lr": 1e-3, **TASKS["t5-tiny"]})
     assert len(returned) == 12
@@ -304,7 +305,7 @@ def test_sparse_embedding_gradients_train_as_dense_ones(tmp_path, monkeypatch):
     common = {"model.name": "random:t5-tiny", "method.name": "full", "run.max_steps": 4, "run.grad_accum": 2,
               "run.batch_size": 4, "run.logging_steps": 1, "model.overrides": {"dropout_rate": 0.0},
               "optim.lr": 1e-3, **TASKS["t5-tiny"]}
-    switched, switch = [], loop.sparse_embedding_gradients
+    switched, switch = [], boundary.sparse_embedding_gradients
 
     @contextlib.contextmanager
     def spied(model, enabled=True):
@@ -312,7 +313,7 @@ def test_sparse_embedding_gradients_train_as_dense_ones(tmp_path, monkeypatch):
             switched.append(len(tables))
             yield tables
 
-    monkeypatch.setattr(loop, "sparse_embedding_gradients", spied)
+    monkeypatch.setattr(boundary, "sparse_embedding_gradients", spied)
     monkeypatch.setattr(lean, "SPARSE_GRADIENT_MIN_ROWS", 64)  # t5-tiny's 512-row table
     sparse = run(tmp_path, "sparse", common)
     switched_sparse, switched[:] = switched[:], []
@@ -348,6 +349,48 @@ def test_switches_keep_the_math(tmp_path):
     assert epochs.steps == 2 * math.ceil(43 / 8)  # 43 training rows after the 10% hold-out, batch 8
     lines = [json.loads(x) for x in (epochs.output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "eval_loss" in r and not r.get("final")] == [5, 10]
+
+
+def test_fp16_with_its_loss_scaler_trains_as_fp32_does(tmp_path):
+    """CPU autocast runs fp16 here: the losses stay within fp16's tolerance of fp32's (a model whose gradients
+    do not overflow at the scaler's first scale, so that no step is skipped)."""
+    rows = seq_rows()
+    common = {"model.name": "random:llama-tiny", "run.max_steps": 6, "run.logging_steps": 1, **TASKS["llama-tiny"]}
+    plain = run(tmp_path, "plain", common, rows=rows)
+    fp16 = run(tmp_path, "fp16", {**common, "run.precision": "fp16"}, rows=rows)
+    assert [r["loss"] for r in fp16.logs] == pytest.approx([r["loss"] for r in plain.logs], rel=0.02)
+    assert [r["grad_norm"] for r in fp16.logs] == pytest.approx([r["grad_norm"] for r in plain.logs], rel=0.05)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_the_scale_lowered(fused):
+    """The loss scaler through peftlab's clip-and-step: the true (unscaled) norm is clipped and logged, a step
+    with an infinite gradient changes nothing, and the next finite one steps."""
+    from types import SimpleNamespace
+
+    from peftlab import accel
+
+    model = torch.nn.Linear(4, 3)
+    run_section = SimpleNamespace(precision="fp16", lean_kernels=False, chunked_loss=False, recompute_linear=False,
+                                  redraw_masks=False, linear_backend="torch")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    params = list(model.parameters())
+    with accel.prepare(model, torch.device("cpu"), run_section, "classification") as fast:
+        scale = fast.scaler.get_scale()
+        with fast.autocast():
+            loss = model(torch.ones(2, 4)).float().mean()
+        fast.backward(loss)
+        assert params[1].grad.tolist() == pytest.approx([scale / 3] * 3, rel=1e-3)  # scaled (in fp16)
+        params[0].grad[0, 0] = math.inf  # as backward leaves an overflow
+        norms = fast.gradient_norms(optimizer, params)
+        assert params[1].grad.tolist() == pytest.approx([1 / 3] * 3, rel=1e-3)  # unscaled before the norms
+        before = [p.detach().clone() for p in params]
+        assert fast.step(optimizer, params, 1.0, norms) == math.inf
+        assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+        assert fast.scaler.get_scale() == scale / 2
+        fast.backward(model(torch.ones(2, 4)).mean())
+        fast.step(optimizer, params, 1.0, fast.gradient_norms(optimizer, params))
+        assert not torch.equal(params[1], before[1])
 
 
 def test_long_causal_prompt_keeps_its_end_and_bos_plain_text_keeps_its_start():

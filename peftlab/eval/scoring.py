@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from peftlab.accel.loss import lm_loss, supports_chunked_loss
 from peftlab.train.distributed import loss_units
-from peftlab.train.loss import lm_loss, supports_chunked_loss
 
 
 @torch.no_grad()

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from peftlab.accel.loss import CHUNK_ROWS
+from peftlab.accel.recompute import observing_kept, recomputing
 from peftlab.measure.memory import peak_rss_bytes
-from peftlab.train.loss import CHUNK_ROWS
-from peftlab.train.recompute import observing_kept, recomputing
 
 MB = 2**20
 CLEAR_REFS = "/proc/self/clear_refs"
@@ -151,7 +151,7 @@ def probed_step_bytes(model: nn.Module, one_example, batch_size: int, compute_lo
 
 def _release_freed_memory() -> None:
     """Hand memory that the allocator keeps after frees back to the system, so the probes' peaks are their
-    own: tcmalloc's or jemalloc's cache where `peftlab` preloaded one (peftlab/train/allocator.py), else
+    own: tcmalloc's or jemalloc's cache where `peftlab` preloaded one (peftlab/accel/allocator.py), else
     glibc's heap."""
     try:
         process = ctypes.CDLL(None)

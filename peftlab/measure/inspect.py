@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from peftlab.accel.lean import make_lean
+from peftlab.accel.loss import supports_chunked_loss, training_loss
 from peftlab.errors import PeftlabError
 from peftlab.measure.estimate import MemoryParts, estimate_parts
 from peftlab.measure.sizes import bytes_by_dtype, count_parameters, module_suffix_counts, trainable_line
@@ -16,8 +18,6 @@ from peftlab.methods import build_config
 from peftlab.methods.inject import LINEAR_TYPES, MethodConfig, apply, linear_module_names
 from peftlab.methods.qlora import quantization_report, quantized_layers
 from peftlab.models import check_lengths, load_model, position_limit, resolve_task
-from peftlab.train.lean import make_lean
-from peftlab.train.loss import supports_chunked_loss, training_loss
 
 
 def _method_config(model: nn.Module, method: MethodConfig | str | None, fields: dict | None) -> MethodConfig | None:

@@ -32,10 +32,7 @@ class HoulsbyConfig(MethodConfig):
     mixed_batches: ClassVar[bool] = True
     peft_type: ClassVar[str] = "BOTTLENECK"
     # the output projections of attention and feed-forward blocks (cross-attention included)
-    default_targets: ClassVar[dict[str, list[str]]] = {
-        "t5": ["o", "wo"], "mt5": ["o", "wo"], "bart": ["out_proj", "fc2"], "gpt2": ["c_proj"],
-        "llama": ["o_proj", "down_proj"], "mistral": ["o_proj", "down_proj"], "qwen2": ["o_proj", "down_proj"],
-        "bert": ["output.dense"], "roberta": ["output.dense"]}
+    targets_kind: ClassVar[str] = "houlsby"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.archs import arch_of
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig, is_target, rows_by_adapter
 
@@ -23,19 +24,13 @@ class IA3Config(MethodConfig):
     method: ClassVar[str] = "ia3"
     mixed_batches: ClassVar[bool] = True
     peft_type: ClassVar[str] = "IA3"
-    default_targets: ClassVar[dict[str, list[str]]] = {
-        "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "bart": ["q_proj", "v_proj", "fc2"],
-        "gpt2": ["c_attn", "mlp.c_proj"], "llama": ["k_proj", "v_proj", "down_proj"],
-        "mistral": ["k_proj", "v_proj", "down_proj"], "bert": ["key", "value", "output.dense"],
-        "roberta": ["key", "value", "output.dense"]}
-    default_feedforward: ClassVar[dict[str, list[str]]] = {
-        "t5": ["wo"], "mt5": [], "bart": ["fc2"], "gpt2": ["mlp.c_proj"], "llama": ["down_proj"],
-        "mistral": ["down_proj"], "bert": ["output.dense"], "roberta": ["output.dense"]}
+    targets_kind: ClassVar[str] = "ia3"
 
     @classmethod
     def defaults_for(cls, model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
         if not fields.get("targets") and fields.get("feedforward") is None:
-            fields = {**fields, "feedforward": cls.default_feedforward.get(model_type, [])}
+            arch = arch_of(model_type)
+            fields = {**fields, "feedforward": list(arch.ia3_feedforward or []) if arch else []}
         return super().defaults_for(model_type, fields)
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.archs import default_targets
 from peftlab.errors import PeftlabError
 
 ADAPTERS_ATTR = "peftlab_adapters"  # {adapter name: config}, set on the model by apply()
@@ -50,8 +51,8 @@ class MethodConfig:
     method: ClassVar[str]
     peft_type: ClassVar[str]
     mixed_batches: ClassVar[bool] = False  # its layers can run each example of a batch through its own adapter
-    # model_type -> targets when none are given (peft's TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING)
-    default_targets: ClassVar[dict[str, list[str]]] = {}
+    # whose default targets it takes from the model's family (peftlab/archs: peft's defaults); None: it has none
+    targets_kind: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers_to_transform, int):
@@ -65,12 +66,13 @@ class MethodConfig:
     @classmethod
     def defaults_for(cls, model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
         """`fields` with this model type's default targets where none are given."""
-        if fields.get("targets") or not cls.default_targets:
+        if fields.get("targets") or cls.targets_kind is None:
             return fields
-        if model_type not in cls.default_targets:
+        targets = default_targets(model_type, cls.targets_kind)
+        if targets is None:
             raise PeftlabError(f"no default {cls.method} targets for model type {model_type!r}: pass --targets "
                                "(see `peftlab inspect --model M`)")
-        return {**fields, "targets": cls.default_targets[model_type]}
+        return {**fields, "targets": targets}
 
     def prepare(self, model: nn.Module, adapter: str) -> None:
         """Before injection: a one-line error when the method cannot apply to `model` at all, and any change

@@ -17,12 +17,7 @@ from peftlab.methods.inject import AdapterLayer, MethodConfig, is_norm_layer
 class LNTuningConfig(MethodConfig):
     method: ClassVar[str] = "ln_tuning"
     peft_type: ClassVar[str] = "LN_TUNING"
-    default_targets: ClassVar[dict[str, list[str]]] = {
-        "t5": ["layer_norm", "final_layer_norm"], "mt5": ["layer_norm", "final_layer_norm"],
-        "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
-        "gpt2": ["ln_1", "ln_2", "ln_f"], "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
-        "mistral": ["input_layernorm", "post_attention_layernorm", "norm"], "qwen2": ["post_attention_layernorm"],
-        "bert": ["LayerNorm"], "roberta": ["LayerNorm"]}
+    targets_kind: ClassVar[str] = "ln_tuning"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,15 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig, rows_by_adapter
 from peftlab.quant.nf4 import NF4Linear
-from peftlab.train.lean import keep_mask, masked_scale, recomputable_sum
-from peftlab.train.recompute import is_recomputable, recomputable
 
 # Fields peft 0.21 writes that peftlab leaves at peft's defaults.
 _PEFT_DEFAULTS: dict[str, Any] = {
@@ -53,11 +50,7 @@ class LoraConfig(MethodConfig):
     method: ClassVar[str] = "lora"
     mixed_batches: ClassVar[bool] = True
     peft_type: ClassVar[str] = "LORA"
-    # the attention query and value projections: the seed's (and LoRA paper's) default targets
-    default_targets: ClassVar[dict[str, list[str]]] = {
-        "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
-        "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-        "bert": ["query", "value"], "roberta": ["query", "value"]}
+    targets_kind: ClassVar[str] = "lora"  # the attention query and value projections (the seed's, the paper's)
     use_dora: ClassVar[bool] = False  # DoraConfig (methods/dora.py) sets it
 
     def __post_init__(self) -> None:
@@ -119,44 +112,6 @@ class LoraConfig(MethodConfig):
         return layer
 
 
-def _dropped_down(x: torch.Tensor, keep: torch.Tensor, weight_A: torch.Tensor, p: float) -> torch.Tensor:
-    return masked_scale(x, keep, 1 / (1 - p)) @ weight_A.T
-
-
-def dropped_low_rank(x, keep, weight_A, weight_B, p: float, scaling: float) -> torch.Tensor:
-    """scaling * B A dropout(x) for a given keep mask, as `DroppedLowRank` computes it (bit for bit)."""
-    return _dropped_down(x, keep, weight_A, p) @ weight_B.T * scaling
-
-
-def low_rank(x, weight_A, weight_B, scaling: float) -> torch.Tensor:
-    """scaling * B A x, as `lora_B(lora_A(x)) * scaling` computes it."""
-    return F.linear(F.linear(x, weight_A), weight_B) * scaling
-
-
-class DroppedLowRank(torch.autograd.Function):
-    """scaling * B A dropout(x) for a keep mask (`lean.keep_mask`), saving x and the mask rather than the
-    dropped-out copy of x that `lora_B(lora_A(nn.Dropout(x)))` keeps for backward (x itself is usually kept
-    alive by the graph anyway, and q and v share it)."""
-
-    @staticmethod
-    def forward(ctx, x, keep, weight_A, weight_B, p: float, scaling: float):
-        down = _dropped_down(x, keep, weight_A, p)
-        ctx.save_for_backward(x, keep, weight_A, weight_B, down)
-        ctx.p, ctx.scaling = p, scaling
-        return down @ weight_B.T * scaling
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, keep, weight_A, weight_B, down = ctx.saved_tensors
-        grad = grad * ctx.scaling
-        grad_down = grad @ weight_B
-        grad_B = grad.reshape(-1, grad.shape[-1]).T @ down.reshape(-1, down.shape[-1])
-        dropped = masked_scale(x, keep, 1 / (1 - ctx.p))  # regenerated for this step only
-        grad_A = grad_down.reshape(-1, grad_down.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])
-        grad_x = masked_scale(grad_down @ weight_A, keep, 1 / (1 - ctx.p)) if ctx.needs_input_grad[0] else None
-        return grad_x, None, grad_A, grad_B, None, None
-
-
 def _pattern_value(pattern: dict, module_name: str, default):
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -216,18 +171,9 @@ class LoraLayer(AdapterLayer):
         return self.weight_matrix(delta)
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """scaling * B A dropout(x); marked `recomputable` when x is and autograd records (what a recomputed
-        q or v is rebuilt from, `run.recompute_linear`)."""
-        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        A, B, scaling = lora_A.weight, lora_B.weight, self.scaling[name]
-        x = x.to(A.dtype)
-        marked = torch.is_grad_enabled() and is_recomputable(x)
-        if isinstance(dropout, nn.Dropout) and dropout.training and torch.is_grad_enabled():
-            keep = keep_mask(x.shape, dropout.p, x.device)
-            delta = DroppedLowRank.apply(x, keep, A, B, dropout.p, scaling)
-            return recomputable(delta, dropped_low_rank, (x, keep, A, B), dropout.p, scaling) if marked else delta
-        delta = low_rank(dropout(x), A, B, scaling)  # dropout: a no-op where `marked`
-        return recomputable(delta, low_rank, (x, A, B), scaling) if marked else delta
+        """scaling * B A dropout(x), as peft's `lora.Linear` computes it."""
+        lora_A = self.lora_A[name]
+        return self.lora_B[name](lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
 
     def adapter_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base layer's `result` for input `x`."""
@@ -241,8 +187,12 @@ class LoraLayer(AdapterLayer):
             return self._mixed_batch_forward(x, result)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = recomputable_sum(result, self.adapter_delta(x, name, result))
+                result = self.add(result, self.adapter_delta(x, name, result))
         return result
+
+    @staticmethod
+    def add(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return result + delta
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each example through its own adapter (names not loaded here, e.g. "__base__", get none)."""

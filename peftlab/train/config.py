@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
+from peftlab.accel.products import BACKENDS
 from peftlab.errors import PeftlabError, first_line
 from peftlab.io import load_yaml
 from peftlab.methods import METHODS, check_pattern
-from peftlab.train.products import BACKENDS
 
 
 @dataclass
@@ -104,12 +104,12 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast where the device supports it)
     gradient_checkpointing: bool = False
-    chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see train/loss.py)
-    lean_kernels: bool = True  # cheaper dropout masks, fused GELU/attention saving less (same math; train/lean.py)
+    chunked_loss: bool = True  # LM loss without the full logits tensor (same math; see accel/loss.py)
+    lean_kernels: bool = True  # cheaper dropout masks, fused GELU/attention saving less (same math; accel/lean.py)
     redraw_masks: bool = False  # dropout masks drawn again in backward, not kept (less memory, slower; recompute.py)
     recompute_linear: bool = False  # T5's q, k, v, gate and up recomputed in backward (less memory, slower; lean.py)
     # auto | torch | onednn: fp32 CPU linear products (auto: oneDNN on x86 CPUs not made by Intel, where MKL is
-    # slower; same math, train/products.py)
+    # slower; same math, accel/products.py)
     linear_backend: str = "auto"
     report_to: list[str] | None = None  # trackers: tensorboard, mlflow, wandb, trackio (train/tracking.py)
     resume: str | None = None  # a checkpoint dir, or "latest"

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from peftlab import accel
+from peftlab.accel.allocator import allocator_in_use
 from peftlab.data.batching import batch_order, batch_tokens, collate
 from peftlab.errors import PeftlabError, first_line
 from peftlab.eval.generation import generate
@@ -25,13 +27,10 @@ from peftlab.measure.estimate import measured_parts
 from peftlab.measure.memory import peak_memory_bytes
 from peftlab.measure.sizes import count_parameters, trainable_line
 from peftlab.models import DEFAULT_SEED, RANDOM_PREFIX, check_lengths, default_task, load_model, resolve_task
-from peftlab.train import distributed, policy, products, setup
-from peftlab.train.allocator import allocator_in_use
+from peftlab.train import distributed, setup
 from peftlab.train.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
-from peftlab.train.config import TrainConfig, method_default
+from peftlab.train.config import TrainConfig
 from peftlab.train.distributed import SINGLE, World
-from peftlab.train.lean import clipped_step, gradient_norms, make_lean, sparse_embedding_gradients
-from peftlab.train.loss import training_loss
 from peftlab.train.monitor import is_finite, module_grad_norms
 from peftlab.train.schedule import lr_multiplier
 from peftlab.train.state import (
@@ -89,14 +88,6 @@ class MicroBatches:
         return self.epoch + self.index / len(self.batches)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise PeftlabError("fp16 needs a CUDA device: use --precision bf16 or fp32 on this device")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @dataclass
 class Inputs:
     """What a Python caller hands over instead of names in the config (None: built from the config)."""
@@ -138,18 +129,15 @@ def train(cfg: TrainConfig, progress: bool | None = None, inputs: Inputs | None 
 def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs, events: Callbacks) -> RunResult:
     baseline_mb = peak_memory_bytes(device) / 2**20  # before the model: what the run itself adds is above this
     out = setup.check_output(cfg)  # only checked: bad data or config below leave it as it was
-    on = policy.switches(cfg.run, device, world.distributed, world.strategy == "fsdp")
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     setup.absolute_local_paths(cfg)  # eval -p rebuilds the base and the held-out split from any directory
     model, tokenizer, task, tables, labels = _model_and_data(cfg, inputs)
-    virtual = 0
-    if cfg.method.name == "prompt_tuning":
-        virtual = cfg.method.num_virtual_tokens or method_default("num_virtual_tokens", "prompt_tuning")
+    virtual = cfg.resolved_method().get("num_virtual_tokens", 0)  # a soft prompt's positions (prompt tuning)
     check_lengths(model.config, task, cfg.data.max_source_length, cfg.data.max_target_length, virtual)
     data = setup.encode(cfg, tokenizer, task, tables, labels)
     model = setup.apply_method(model, cfg, task)
-    lean = make_lean(model, linear=cfg.run.recompute_linear, onednn=on.onednn) if on.lean_kernels else []
+    fast = accel.prepare(model, device, cfg.run, task, world.distributed, world.strategy == "fsdp")
     if cfg.run.gradient_checkpointing:
         # transformers 5.x renamed it; the old name warns and goes in v6
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -162,10 +150,10 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs,
     with setup.replacing_output(cfg, world.is_main):  # --overwrite sets the old run aside only now
         if world.is_main:
             write_text(out / "config.yaml", cfg.to_yaml())
-        _report(cfg, world, model, lean, on, device)
-        with products.linear_backend(on.onednn):
+        with fast as fast:
+            _report(cfg, world, model, fast)
             return _fit(cfg, model, tokenizer, data, device, out, task, world, baseline_mb, resumed, events, validate,
-                        on)
+                        fast)
 
 
 def _model_and_data(cfg: TrainConfig, inputs: Inputs):
@@ -190,21 +178,21 @@ def _model_and_data(cfg: TrainConfig, inputs: Inputs):
     return model, tokenizer, task, tables, labels
 
 
-def _report(cfg: TrainConfig, world: World, model, lean: list[str], on: policy.Switches,
-            device: torch.device) -> None:
+def _report(cfg: TrainConfig, world: World, model, fast: accel.Accelerated) -> None:
     print(f"Config: {json.dumps(cfg.to_dict())}")
     for config in getattr(model, "peftlab_adapters", {}).values():
         print(f"Using {config.method.upper()}: {config}")
     print(trainable_line(model))
-    if lean:
-        print(f"Lean kernels: {', '.join(lean)}")
+    if fast.switched:
+        print(f"Lean kernels: {', '.join(fast.switched)}")
     print(f"Allocator: {allocator_in_use()}")
     if world.distributed:
         print(f"Distributed: {world.size} processes, {world.strategy.upper()}, "
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
+    on = fast.switches
     print(f"Linear products: {'oneDNN' if on.onednn else 'torch'} (run.linear_backend={cfg.run.linear_backend})")
     if off := on.off_here(cfg.run):
-        print(f"Off on {device.type} (measured on CPU only, peftlab/train/policy.py): {', '.join(off)}")
+        print(f"Off on {fast.device.type} (measured on CPU only, peftlab/accel/policy.py): {', '.join(off)}")
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, sharded: bool = False):
@@ -220,13 +208,13 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, shard
 
 
 def _fit(cfg, model, tokenizer, data, device, out, task, world: World, baseline_mb: float,
-         state: dict[str, Any] | None, events: Callbacks, validate: Validator, on: policy.Switches) -> RunResult:
+         state: dict[str, Any] | None, events: Callbacks, validate: Validator, fast: accel.Accelerated) -> RunResult:
     r = cfg.run
     stream = MicroBatches(data.train, cfg, tokenizer.pad_token_id, world)
     steps_per_epoch = max(1, math.ceil(len(stream) / r.grad_accum))
     total = r.max_steps or max(1, math.ceil(r.epochs * steps_per_epoch))
     result = RunResult(out, total, model=model)
-    wrapped = distributed.wrap(model, _loss_function(cfg, model, task, on), world, device)
+    wrapped = distributed.wrap(model, fast.loss, world, device)
     trainable, optimizer, scheduler = _optimizer(cfg, model, total, sharded=world.strategy == "fsdp")
     step = 0
     if state is not None:
@@ -243,12 +231,12 @@ def _fit(cfg, model, tokenizer, data, device, out, task, world: World, baseline_
             events.on_evaluate(result.eval_before)
         while step < total:
             t0 = time.perf_counter()
-            loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, task, on.sparse_embeddings)
+            loss, tokens = _accumulate(cfg, wrapped, model, stream, device, world, task, fast)
             if not is_finite(loss):
                 raise PeftlabError(f"loss became {loss} at step {step + 1}: lower --lr or check the data; "
                                    f"{resume_hint(out)}")
             is_log_step = (step + 1) % r.logging_steps == 0 or step + 1 == total
-            grad_norm, learning_rate, norms = _optimizer_step(cfg, model, trainable, optimizer, scheduler,
+            grad_norm, learning_rate, norms = _optimizer_step(cfg, model, trainable, optimizer, scheduler, fast,
                                                               module_norms=is_log_step)
             step += 1
             window.add(loss, tokens, time.perf_counter() - t0)
@@ -335,10 +323,6 @@ class Validator:
         return [collate(self.data.validation[s:s + size], pad) for s in range(0, len(self.data.validation), size)]
 
 
-def _loss_function(cfg: TrainConfig, model, task: str, on: policy.Switches):
-    return training_loss(model, on.chunked_loss and task != "classification", cfg.run.redraw_masks, on.recompute)
-
-
 def _save_checkpoint(cfg, out: Path, step: int, model, optimizer, scheduler, stream, world: World,
                      window: LogWindow) -> Path:
     rng_by_rank = distributed.all_gather_object(rng_state(), world)
@@ -366,19 +350,20 @@ class LogWindow:
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
 
 
-def _optimizer_step(cfg, model, trainable, optimizer, scheduler,
+def _optimizer_step(cfg, model, trainable, optimizer, scheduler, fast: accel.Accelerated,
                     module_norms: bool) -> tuple[float, float, dict[str, float] | None]:
     """Clip, step, advance the schedule; returns the pre-clip grad norm, the rate this step used and, where
     `module_norms`, each trainable tensor's gradient norm (from the pass the clip takes)."""
     learning_rate = scheduler.get_last_lr()[0]
-    norms = gradient_norms(trainable)
+    norms = fast.gradient_norms(optimizer, trainable)
     named = module_grad_norms(model, norms) if module_norms else None
-    grad_norm = clipped_step(optimizer, trainable, cfg.optim.max_grad_norm or math.inf, norms)
+    grad_norm = fast.step(optimizer, trainable, cfg.optim.max_grad_norm or math.inf, norms)
     scheduler.step()
     return float(distributed.local_tensor(grad_norm)), learning_rate, named
 
 
-def _accumulate(cfg, wrapped, model, stream, device, world: World, task: str, sparse: bool) -> tuple[float, int]:
+def _accumulate(cfg, wrapped, model, stream, device, world: World, task: str,
+                fast: accel.Accelerated) -> tuple[float, int]:
     """Forward and backward over grad_accum micro-batches; returns the step's loss and tokens (all processes),
     the gradients left in the parameters (a large embedding table's sparse on one CPU process: `clipped_step`).
 
@@ -386,7 +371,7 @@ def _accumulate(cfg, wrapped, model, stream, device, world: World, task: str, sp
     the world size, so the gradient average equals the single-process gradient of the whole micro-batch."""
     accum = cfg.run.grad_accum
     total_loss, tokens = 0.0, 0
-    with sparse_embedding_gradients(model, enabled=sparse):
+    with fast.backward_scope(model):
         for i in range(accum):
             batch, real = stream.next()
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -395,9 +380,9 @@ def _accumulate(cfg, wrapped, model, stream, device, world: World, task: str, sp
                 units = distributed.loss_units(batch, task == "causal") if real else 0
                 weight = units * world.size / max(distributed.all_reduce([units], world)[0], 1)
             with distributed.gradient_sync(wrapped, model, world, enabled=i == accum - 1):
-                with autocast(device, cfg.run.precision):
+                with fast.autocast():
                     loss = wrapped(batch) * (weight / accum)
-                loss.backward()
+                fast.backward(loss)
             total_loss += loss.item()
             tokens += batch_tokens(batch, task == "seq2seq") if real else 0
     total_loss, tokens = distributed.all_reduce([total_loss / world.size, tokens], world)

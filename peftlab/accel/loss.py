@@ -16,12 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from peftlab.accel import products
+from peftlab.accel.recompute import recomputing
+from peftlab.archs import arch_of
 from peftlab.data.tasks import IGNORE_INDEX
-from peftlab.train import products
-from peftlab.train.recompute import recomputing
 
-CHUNK_ROWS = 128  # rows per chunk: 128 x 32,128 fp32 = 16 MiB alive; as fast as 256 (64: 15-25% slower)
-SUPPORTED = ("t5", "mt5", "gpt2", "llama", "mistral", "qwen2")  # lm_head output is the logits, nothing added
+CHUNK_ROWS = 128  # rows per chunk: 128 x 32,128 fp32 = 16 MiB alive; smaller chunks were slower (bench/)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -100,9 +100,8 @@ def flushed_softmax_(logits: torch.Tensor, top_logit: torch.Tensor) -> torch.Ten
     probabilities that the flush zeroes anyway. A logit more than -ln(tiny / 2) (87.3 in fp32) below its row's
     top has exp under half the smallest normal number, and the row's sum is at least 1 (the top's own term): it
     is set to -inf first, so exp returns zero. On Intel CPUs an exp with a subnormal result runs through a
-    microcode assist: a random-init flan-t5-small chunk (a loss near 94, a quarter of its probabilities
-    subnormal) took ~20 ms on two cores against ~7. The terms left out are below what the sum (>= 1) can
-    register, so the result is the flushed softmax bit for bit (tests)."""
+    microcode assist, several times slower (a random-init model's softmax holds many subnormals). The terms left
+    out are below what the sum (>= 1) can register, so the result is the flushed softmax bit for bit (tests)."""
     logits.sub_(top_logit)  # softmax subtracts the row's top itself: the same differences, and it now subtracts 0
     cut = math.log(torch.finfo(logits.dtype).tiny / 2)
     torch.nn.functional.threshold_(logits, cut, -math.inf)  # NaN compares false: it stays NaN in the sum below
@@ -138,7 +137,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 def supports_chunked_loss(model: nn.Module) -> bool:
     head = getattr(model, "lm_head", None)
-    return (model.config.model_type in SUPPORTED and isinstance(head, nn.Linear) and head.bias is None)
+    arch = arch_of(model.config.model_type)
+    return arch is not None and arch.plain_lm_head and isinstance(head, nn.Linear) and head.bias is None
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ run.* settings then have no effect, and the run says so.
 
 | switch            | what it does (same math)                                         | cpu | cuda | mps |
 |-------------------|------------------------------------------------------------------|-----|------|-----|
-| lean_kernels      | modules that keep less for backward (train/lean.py)              | on  | off  | off |
+| lean_kernels      | modules that keep less for backward (accel/lean.py)              | on  | off  | off |
 | chunked_loss      | LM loss in chunks, no batch x length x vocab logits (loss.py)    | on  | off  | off |
 | recompute         | backward rebuilds cheap tensors instead of keeping them          | on  | off  | off |
 | sparse_embeddings | sparse embedding gradients until the optimizer step (one process)| on  | off  | off |
@@ -42,11 +42,12 @@ def switches(run, device: torch.device, distributed: bool = False, fsdp: bool = 
     """What this run uses: what run.* asks, where it was measured on this device's type."""
     measured = MEASURED.get(device.type, set())
     lean = run.lean_kernels and "lean_kernels" in measured
-    from peftlab.train import products
+    from peftlab.accel import products
 
     return Switches(
         lean_kernels=lean,
         chunked_loss=run.chunked_loss and "chunked_loss" in measured and not fsdp,  # FSDP: lm_head is sharded
         recompute="recompute" in measured,
-        sparse_embeddings=lean and "sparse_embeddings" in measured and not distributed,
+        # fp16's loss scaler unscales and steps all gradients at once, not the sparse ones after the others
+        sparse_embeddings=lean and "sparse_embeddings" in measured and not distributed and run.precision != "fp16",
         onednn=lean and "onednn" in measured and products.wants_onednn(run.linear_backend))

@@ -1,16 +1,14 @@
 """A caching allocator (tcmalloc or jemalloc) under CPU training, preloaded when `peftlab` starts.
 
-glibc's malloc fragments under a training step's churn of large, short-lived tensors: at LoRA batch 32 on
-flan-t5-small the process peaks near 2.9 GB resident while ~1.9 GB is live. tcmalloc reuses freed blocks
-instead, which cut that peak by about a quarter (a third with gradient checkpointing) at the same step time
-(bench/RESULTS.md). PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) preloads it for the same
-reason. A preload only works from process start, so the `peftlab` command re-executes itself once with
-LD_PRELOAD set, before torch loads. Python code that imports peftlab keeps whatever allocator its process
-has.
+glibc's malloc fragments under a training step's churn of large, short-lived tensors: the process holds far more
+than is live. tcmalloc reuses freed blocks instead (figures: bench/RESULTS.md). PyTorch's own CPU launcher
+(`torch.backends.xeon.run_cpu`) preloads it for the same reason. A preload only works from process start, so the
+`peftlab` command re-executes itself once with LD_PRELOAD set, before torch loads. Python code that imports peftlab
+keeps whatever allocator its process has.
 
-jemalloc is the fallback because Debian's Python images ship it. Its default decay hands freed pages back to
-the system within seconds, so every step faults them in again (LoRA batch 32: 13.8 s a step against 8-9 s);
-unless MALLOC_CONF is set, peftlab turns decay off, which makes it cache like tcmalloc.
+jemalloc is the fallback because Debian's Python images ship it. Its default decay hands freed pages back to the
+system within seconds, so every step faults them in again; unless MALLOC_CONF is set, peftlab turns decay off, which
+makes it cache like tcmalloc.
 
 PEFTLAB_ALLOCATOR: `auto` (default: tcmalloc where installed, else jemalloc, else the system's), `tcmalloc`,
 `jemalloc`, `system`, or a path to a shared library.

@@ -13,23 +13,22 @@ or names, so state dicts, adapters and checkpoints are unchanged. What it switch
 - RMSNorm (T5, Llama): one function that keeps x and 1/rms, not x and the normalised x, in fewer passes.
 - T5's gated-GELU feed-forward: GELU(gate) * up as one function that keeps gate and up and recomputes the
   GELU in backward (plain autograd keeps gelu(gate) too).
-- BART's encoder and decoder layers, which call `nn.functional.dropout` (on CPU it keeps a 4-byte mask, the
-  product's other operand): the same forward with the dropout above.
+- LoRA's layers (`accel/lora.py`): the dropout above, inside the low-rank product.
 - T5, GPT-2 and BART attention: softmax(q k^T + position bias + mask), dropout, times v, as one function
   that keeps q, k, v and the dropout mask and recomputes the probabilities in backward (the stock
   paths keep the probabilities and their dropped-out copy, batch x heads x length x length each, per layer).
 
 Around each training step's backward (`sparse_embedding_gradients`, CPU, one process), trainable embedding
 tables of 4,096 rows or more that are not tied to the output layer get sparse gradients, the rows the batch
-used, made dense only for the optimizer step and after the other gradients are freed (`clipped_step`): full
-fine-tuning of flan-t5-small at batch 8 peaks ~130 MB lower.
+used, made dense only for the optimizer step and after the other gradients are freed (`clipped_step`), so
+the dense gradient of a large table never sits beside the activations (figures: bench/RESULTS.md).
 
 Their outputs that are cheap to rebuild from what backward keeps anyway are marked `recomputable`
-(`peftlab/train/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
+(`peftlab/accel/recompute.py`; the training loss runs under `recomputing()`): the normalised x that RMSNorm
 hands to q, k, v (or to LoRA) and to the feed-forward, T5's dropout(GELU(gate) * up) that a training `wo`
 keeps for its weight gradient; with `run.redraw_masks`, every dropout mask drawn by numpy (from its seed).
 Where `run.linear_backend` takes oneDNN (`make_lean(onednn=True)`; AMD CPUs), every `nn.Linear` computes
-its output and its input's gradient through it (`peftlab/train/products.py`).
+its output and its input's gradient through it (`peftlab/accel/products.py`).
 
 With `run.recompute_linear` (`make_lean(linear=True)`) every `nn.Linear` whose input is marked marks its
 output too, and so do LoRA's layers, so what attention keeps of q, k and v and what T5's feed-forward keeps
@@ -42,10 +41,9 @@ Each is tested against the module it replaces (outputs and gradients, with the s
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 import math
 import threading
-import types
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
@@ -57,22 +55,15 @@ from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.activations import NewGELUActivation
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoderLayer
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
+from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
-from peftlab.train import products
-from peftlab.train.recompute import is_recomputable, recomputable, redraws_masks
+from peftlab.accel import products
+from peftlab.accel.recompute import is_recomputable, recomputable, redraws_masks
+from peftlab.archs import arch_of, rms_norm_style
 
 LEAN_ATTENTION = "peftlab_lean"
 NUMPY_MASK_MIN = 2**16  # mask entries; below this, seeding SFC64 costs more than it saves
 SPARSE_GRADIENT_MIN_ROWS = 4096  # embedding tables smaller than this (T5's position buckets) gain nothing
-# model type -> (attention class, config field of its attention dropout). T5 has no fused kernel (position
-# bias: eager only); the others are switched only with attention dropout, where sdpa on CPU falls back to its
-# math path and keeps the probabilities twice; without it, sdpa's fused kernel keeps as little (and Llama-style
-# models train without it).
-ATTENTION_CLASSES = {"t5": ("T5Attention", None), "mt5": ("MT5Attention", None),
-                     "gpt2": ("GPT2Attention", "attn_pdrop"), "bart": ("BartAttention", "attention_dropout")}
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
@@ -82,12 +73,12 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     only its seed (backward draws it again)."""
     count = math.prod(shape)
     if torch.device(device).type == "cpu" and count >= NUMPY_MASK_MIN:
-        # torch's CPU generator (mt19937) and comparison kernel take ~3x the time of this (`seeded_sfc64`: ~5 us)
+        # numpy's SFC64 draws 8-bit lanes; torch's CPU generator (mt19937) draws 32 bits an entry, then compares
         seed, shape = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)), tuple(shape)
         keep = seeded_keep_mask(seed, shape, p)
         if redraws_masks():
             return recomputable(keep, seeded_keep_mask, (), seed, shape, p)
-        # packing and unpacking take ~10% of the draw's time (~1% of a flan-t5-small step); bytes: 8x the memory
+        # kept packed eight to a byte: unpacking in backward is cheap next to keeping a byte an entry
         return recomputable(keep, unpacked_mask, (torch.from_numpy(np.packbits(keep.numpy())),), shape)
     threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)  # an int32 either way (p within 2^-33 of 1: keep ~0)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
@@ -97,7 +88,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 def seeded_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """The mask `keep_mask` draws from `seed` with numpy's SFC64."""
     # numpy's work is no torch operator: named for profiles, only while one records (entering a record_function
-    # costs ~0.1 ms in a training step, 132 masks per flan-t5-small LoRA step)
+    # costs time in every step, over a hundred masks a step)
     profiling = torch._C._autograd._profiler_enabled()
     with record_function("peftlab::keep_mask") if profiling else contextlib.nullcontext():
         keep = keep_from_8_bits(seeded_sfc64(seed), p, np.empty(math.prod(shape), dtype=bool))
@@ -109,8 +100,8 @@ _sfc64 = threading.local()  # one generator per thread, restarted for each mask
 
 def seeded_sfc64(seed: int) -> np.random.SFC64:
     """numpy's SFC64 started from `seed` as its author seeds it from one number: a = b = c = seed, counter 1,
-    12 outputs discarded. Restarting this thread's generator so takes ~5 us; constructing one (numpy seeds it
-    through a SeedSequence) took ~190 us a mask inside a training step (25 ms a flan-t5-small LoRA step)."""
+    12 outputs discarded. The thread's generator is restarted, not constructed: construction seeds through a
+    SeedSequence, which costs more than drawing a mask."""
     generator = getattr(_sfc64, "generator", None)
     if generator is None:
         generator = _sfc64.generator = np.random.SFC64()
@@ -129,8 +120,7 @@ def unpacked_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def keep_from_8_bits(generator: np.random.BitGenerator, p: float, out: np.ndarray) -> np.ndarray:
     """Fill `out` with booleans, each True with probability 1 - p, from eight 8-bit draws per 64-bit number.
     The one 8-bit value that straddles p (1 entry in 256) is settled by a 64-bit draw, so the rate is p to
-    2^-64, not rounded to 2^-8. (Half the draws of 16-bit lanes, whose straddling value is rarer but whose draw
-    took half of the mask's time: ~30% faster in all.)"""
+    2^-64, not rounded to 2^-8. (Half the draws of 16-bit lanes, whose straddling value is rarer.)"""
     edge = math.floor(p * 2**8)  # 8-bit values below it drop; the value equal to it drops with the remainder
     if edge >= 2**8:
         out[:] = False
@@ -211,33 +201,6 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
 class LeanDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
-
-
-class _FunctionalWithLeanDropout:
-    """`torch.nn.functional` as a copied forward (`with_lean_dropout`) sees it: its `dropout` is peftlab's."""
-
-    dropout = staticmethod(dropout)
-
-    def __getattr__(self, name: str):
-        return getattr(F, name)
-
-
-class _NNWithLeanDropout:
-    functional = _FunctionalWithLeanDropout()
-
-    def __getattr__(self, name: str):
-        return getattr(nn, name)
-
-
-def with_lean_dropout(cls: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of `cls` whose forward is `cls.forward`'s own code with `nn.functional.dropout` resolved to
-    `dropout`: the model's code stays transformers' (no copy to keep in step), only that name differs. The
-    forward's decorators (a keyword rename at most, for callers outside the model) are not carried over."""
-    forward = inspect.unwrap(cls.forward)
-    lean_forward = types.FunctionType(forward.__code__, {**forward.__globals__, "nn": _NNWithLeanDropout()},
-                                      forward.__name__, forward.__defaults__, forward.__closure__)
-    lean_forward.__kwdefaults__ = forward.__kwdefaults__
-    return type(f"Lean{cls.__name__}", (cls,), {"forward": lean_forward, "__module__": __name__})
 
 
 class LeanTanhGELU(NewGELUActivation):
@@ -329,19 +292,24 @@ class RMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None, None
 
 
-class LeanT5LayerNorm(T5LayerNorm):
+def _t5_rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """T5's RMSNorm as one function (the normalised x goes to the weight's dtype only when that is half)."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        half = self.weight.dtype in (torch.float16, torch.bfloat16)
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.weight.dtype if half else torch.float32)
+    half = self.weight.dtype in (torch.float16, torch.bfloat16)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.weight.dtype if half else torch.float32)
 
 
-class LeanLlamaRMSNorm(LlamaRMSNorm):
-    """Llama's RMSNorm as one function (the normalised x goes back to the input's dtype)."""
+def _llama_rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm (Mistral's, Qwen2's) as one function (the normalised x goes back to the input's dtype)."""
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon, hidden_states.dtype)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, hidden_states.dtype)
+
+RMS_FORWARDS = {"t5": _t5_rms_forward, "llama": _llama_rms_forward}  # by the arithmetic a family declares
+
+
+@functools.cache
+def lean_rms_norm(cls: type[nn.Module], style: str) -> type[nn.Module]:
+    """`cls` (a family's RMSNorm, peftlab/archs) with the one-function forward of its arithmetic."""
+    return type(f"Lean{cls.__name__}", (cls,), {"forward": RMS_FORWARDS[style], "__module__": __name__})
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -411,9 +379,7 @@ def lean_attention(module: nn.Module, query, key, value, attention_mask, scaling
 # stock class -> (lean subclass, what the summary line calls it)
 LEAN_MODULES = {nn.Dropout: (LeanDropout, "dropout"), NewGELUActivation: (LeanTanhGELU, "gelu_new"),
                 T5DenseGatedActDense: (LeanT5GatedFF, "gated-GELU feed-forward"),
-                T5LayerNorm: (LeanT5LayerNorm, "RMSNorm"), LlamaRMSNorm: (LeanLlamaRMSNorm, "RMSNorm"),
-                **{layer: (with_lean_dropout(layer), "BART layer dropout")
-                   for layer in (BartEncoderLayer, BartDecoderLayer)}}
+}
 
 
 @contextlib.contextmanager
@@ -437,8 +403,8 @@ def sparse_embedding_gradients(model: nn.Module, enabled: bool = True) -> Iterat
 
 def gradient_norms(parameters: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
     """Each gradient's L2 norm by parameter, parameters without one left out: one pass over the gradients that
-    serves both the clip (`clipped_step`) and the per-module norms a log step records (a second pass took 70 ms
-    a step for flan-t5-small's 77M on 2 Intel cores). A sparse gradient is coalesced in place first, so that
+    serves both the clip (`clipped_step`) and the per-module norms a log step records (not a second pass over
+    every gradient). A sparse gradient is coalesced in place first, so that
     rows the batch used twice count once."""
     dense = [p for p in parameters if p.grad is not None and not p.grad.is_sparse]
     # torch._foreach_norm, as get_total_norm takes them (on CPU one linalg.vector_norm each)
@@ -451,24 +417,33 @@ def gradient_norms(parameters: list[torch.Tensor]) -> dict[torch.Tensor, torch.T
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_norm: float,
-                 norms: Mapping[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 norms: Mapping[torch.Tensor, torch.Tensor] | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """`clip_grad_norm_(parameters, max_norm)`, `optimizer.step()` and `zero_grad(set_to_none=True)`, for
     gradients dense or sparse (`sparse_embedding_gradients`); returns the gradient norm before clipping. `norms`:
-    what `gradient_norms(parameters)` returned for these gradients, where the caller wanted them too.
+    what `gradient_norms(parameters)` returned for these gradients, where the caller wanted them too. With a
+    `scaler` (fp16), the gradients were unscaled before `norms` (`scaler.unscale_`), and the scaler steps: it
+    skips a step whose gradients overflowed and adjusts the scale.
 
     Parameters with a sparse gradient step after the others, their gradient made dense once the others' are
-    freed, so that it takes their memory: made dense beside them, flan-t5-small's 63 MiB embedding gradient grew
-    full fine-tuning's peak by ~65 MB at batch 8 (the heap had no free block that large). Each parameter's
+    freed, so that it takes their memory: made dense beside them, a large table's gradient (flan-t5-small's is
+    63 MiB) adds its size to the peak. Each parameter's
     update reads only its own gradient and state, so the two steps are the one step."""
     norms = gradient_norms(parameters) if norms is None else norms
     # get_total_norm's reduction of the per-tensor norms
     norm = torch.linalg.vector_norm(torch.stack(list(norms.values()))) if norms else torch.tensor(0.0)
+    if scaler is not None:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
     sparse = [(p, p.grad.coalesce()) for p in parameters if p.grad is not None and p.grad.is_sparse]
 
     def step(group: list[torch.Tensor]) -> None:
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             # a fused optimizer divides each gradient by grad_scale as it reads it (AMP's unscaling): the clip
-            # without a pass over the gradients of its own (flan-t5-small's 77M: 22 ms on 2 Intel cores); the
+            # without a pass over the gradients of its own; the
             # coefficient is clip_grads_with_norm_'s, its 1e-6 included
             optimizer.grad_scale = 1 / torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         else:
@@ -494,12 +469,17 @@ def make_lean(model: nn.Module, attention: bool = True, linear: bool = False, on
     `attention=False` keeps the model's own attention; `linear=True` switches `nn.Linear` to `RecomputedLinear`
     (`run.recompute_linear`: their outputs recomputed in backward), `onednn=True` to `LeanLinear` (products
     by oneDNN inside `products.linear_backend(True)`; a RecomputedLinear's are too)."""
+    from peftlab.accel.lora import LeanLoraLayer  # it builds on this module's kernels
+    from peftlab.methods.lora import LoraLayer
+
     switched: Counter[str] = Counter()
     linears = ({nn.Linear: (RecomputedLinear, "linear (recomputed in backward)")} if linear
                else {nn.Linear: (LeanLinear, "linear (oneDNN products)")} if onednn else {})
-    modules = LEAN_MODULES | linears
+    modules = LEAN_MODULES | {LoraLayer: (LeanLoraLayer, "LoRA")} | linears
     for module in model.modules():
         lean, kind = modules.get(type(module), (None, None))
+        if lean is None and (style := rms_norm_style(module)):
+            lean, kind = lean_rms_norm(type(module), style), "RMSNorm"
         if lean is LeanT5GatedFF and not isinstance(module.act, NewGELUActivation):
             continue  # the fused function is GELU(tanh)'s: other gated activations keep the stock module
         if lean is not None:
@@ -513,11 +493,16 @@ def make_lean(model: nn.Module, attention: bool = True, linear: bool = False, on
 def _switch_attention(model: nn.Module) -> int:
     """Route the model's attention through `lean_attention` where that saves memory; returns the number of
     attention modules switched (0: none)."""
+    # A family declares its attention (peftlab/archs). T5 has no fused kernel (position bias: eager only); the
+    # others are switched only with attention dropout, where sdpa on CPU falls back to its math path and keeps the
+    # probabilities twice; without it, sdpa's fused kernel keeps as little (and Llama-style models train without).
     config = getattr(model, "config", None)
-    attention_class, dropout_field = ATTENTION_CLASSES.get(getattr(config, "model_type", None), (None, None))
-    if (attention_class is None or (dropout_field is not None and not getattr(config, dropout_field, 0) > 0)
+    arch = arch_of(getattr(config, "model_type", None))
+    if (arch is None or arch.attention is None
+            or (arch.attention_dropout is not None and not getattr(config, arch.attention_dropout, 0) > 0)
             or getattr(config, "reorder_and_upcast_attn", False)):
         return 0
+    attention_class = arch.attention
     AttentionInterface.register(LEAN_ATTENTION, lean_attention)
     AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
     model.set_attn_implementation(LEAN_ATTENTION)

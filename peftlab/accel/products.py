@@ -1,11 +1,10 @@
 """Linear products on CPU through oneDNN where it is faster than torch's BLAS (`run.linear_backend`).
 
 torch's fp32 `mm` on x86 runs MKL's sgemm, and MKL picks its kernels by CPU vendor: on an AMD EPYC it ran
-flan-t5-small's forward and input-gradient products 6-26% slower than oneDNN (which torch also ships, and
-which picks its kernels by instruction set), and the chunked loss's LM-head product 1.6x slower. On Intel, MKL
-is the faster (bench/RESULTS.md). So `auto` takes oneDNN on x86 CPUs not made by Intel. Through oneDNN go a
-linear layer's forward and input-gradient products and the chunked loss's two LM-head products; weight
-gradients stay with torch's mm, which is faster at that layout on both vendors. Same math: fp32 products,
+flan-t5-small's products slower than oneDNN (which torch also ships, and which picks its kernels by instruction
+set); on Intel, MKL is the faster (figures: bench/RESULTS.md). So `auto` takes oneDNN on x86 CPUs not made by Intel.
+Through oneDNN go a linear layer's forward and input-gradient products and the chunked loss's two LM-head products;
+weight gradients stay with torch's mm, which is faster at that layout on both vendors. Same math: fp32 products,
 their sums taken in another order (tests compare outputs and gradients with F.linear and peft's).
 """
 
