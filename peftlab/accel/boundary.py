@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ class Accelerated:
     precision: str
     device: torch.device
     scaler: torch.amp.GradScaler | None = None  # fp16: scales the loss so small gradients do not underflow
+    warnings: list[str] = field(default_factory=list)  # for the run's header
 
     def autocast(self):
         """The forward pass's precision: fp32 as it is, bf16 or fp16 under autocast."""
@@ -65,8 +66,12 @@ def prepare(model: nn.Module, device: torch.device, run, task: str, distributed:
     switched = make_lean(model, linear=run.recompute_linear, onednn=on.onednn) if on.lean_kernels else []
     loss = training_loss(model, on.chunked_loss and task != "classification", run.redraw_masks, on.recompute)
     scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
+    warnings = []
+    if run.precision == "fp16" and device.type == "cpu":
+        warnings.append("fp16 on a CPU runs its products without fp16 hardware on most CPUs, many times slower "
+                        "than fp32: use --precision bf16 or fp32 here")
     with products.linear_backend(on.onednn):
-        yield Accelerated(on, switched, loss, run.precision, device, scaler)
+        yield Accelerated(on, switched, loss, run.precision, device, scaler, warnings)
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods import LoraConfig, QLoraConfig
+from peftlab.methods import METHODS
 from peftlab.methods.checkpoint import CONFIG_NAME, load_adapter, read_adapter_config
 from peftlab.models import load_model, resolve_task
 from peftlab.train.config import TrainConfig, load_config
@@ -47,8 +47,11 @@ def load_run(path: str | Path, model_name: str | None = None, adapter: str = "de
             raise PeftlabError(f"{path / CONFIG_NAME} names no base model: pass --model")
         task = _task(config, base, TASK_TYPES.get(adapter_config.task_type or ""))
         model, tokenizer = _load_base(base, task, config, named=model_name is not None)
-        if config and config.method.name == "qlora" and isinstance(adapter_config, LoraConfig):
-            adapter_config = QLoraConfig(**dataclasses.asdict(adapter_config))  # the NF4 base it trained on
+        trained_as = METHODS.get(config.method.name) if config else None
+        if trained_as is not None and trained_as is not type(adapter_config) and issubclass(trained_as,
+                                                                                        type(adapter_config)):
+            # the file's format is its parent's (a QLoRA adapter is a LoRA file): load it as the run trained it
+            adapter_config = trained_as(**dataclasses.asdict(adapter_config))
         load_adapter(model, path, adapter, adapter_config)
     elif (path / "model.safetensors").is_file() and config is not None:
         from safetensors.torch import load_model as load_weights

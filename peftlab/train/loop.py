@@ -191,6 +191,8 @@ def _report(cfg: TrainConfig, world: World, model, fast: accel.Accelerated) -> N
               f"global batch {cfg.run.batch_size} x {cfg.run.grad_accum} accumulation")
     on = fast.switches
     print(f"Linear products: {'oneDNN' if on.onednn else 'torch'} (run.linear_backend={cfg.run.linear_backend})")
+    for warning in fast.warnings:
+        print(f"warning: {warning}")
     if off := on.off_here(cfg.run):
         print(f"Off on {fast.device.type} (measured on CPU only, peftlab/accel/policy.py): {', '.join(off)}")
 
