@@ -16,6 +16,7 @@ import pytest
 
 import peftlab
 from peftlab.cli import main
+from peftlab.methods import LNTuningConfig, PromptTuningConfig
 
 KEY = "test-key"
 ROWS = [{"dialogue": f"w{i % 6} a{i % 4} b", "summary": f"w{i % 6} a{i % 4}"} for i in range(32)]
@@ -196,9 +197,9 @@ BAD = [  # (method, path, body or raw text, headers, status, what the message sa
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/empty"}, None, 400,
      "adapter_config.json"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/p"}, None, 400,
-     "cannot share a batch"),
+     "cannot share a batch with other adapters and cannot be merged into the weights: use it with peftlab generate"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/h"}, None, 400,
-     "cannot share a batch"),
+     "cannot share a batch with other adapters and cannot be merged into the weights: use it with peftlab generate"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "{root}/adapters/bart"}, None, 400,
      "the adapter was trained on random:bart-tiny, this base is random:t5-tiny"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "{root}/adapters/b"}, None, 400,
@@ -226,6 +227,21 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(server, runs
     message = response.json()["error"]["message"]
     assert "\n" not in message and says in message, message
     assert client.completions.create(model="a", prompt="w1", max_tokens=2, temperature=0).choices  # still serving
+
+
+@pytest.mark.parametrize("config,advice", [
+    (lambda: LNTuningConfig(targets=["layer_norm"]), "merge it (peftlab merge) and serve the merged model"),
+    (lambda: PromptTuningConfig(), "cannot be merged into the weights: use it with peftlab generate")])
+def test_an_adapter_that_cannot_share_a_batch_gets_the_advice_its_method_allows(config, advice):
+    from peftlab.serve.engine import unbatchable
+
+    assert not config().can_mix() and advice in unbatchable(config(), "this")
+
+
+def test_merge_refuses_an_unmergeable_adapter_before_writing_anything(runs, tmp_path, capsys):
+    assert main(["merge", "-p", str(runs / "adapters" / "p"), "-o", str(tmp_path / "merged")]) != 0
+    assert "prompt_tuning adapter cannot be merged into the weights" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_and_unload_an_adapter_at_run_time(server, runs, client):

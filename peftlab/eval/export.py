@@ -37,6 +37,10 @@ def export_merged(run: LoadedRun, output: str | Path, overwrite: bool = False, s
     """Write safetensors, config and tokenizer that `AutoModel*.from_pretrained(output)` loads: into a directory
     beside `output`, swapped in once complete."""
     out = Path(os.path.abspath(output))
+    for config in getattr(run.model, "peftlab_adapters", {}).values():
+        if not config.mergeable:
+            raise PeftlabError(f"a {config.method} adapter cannot be merged into the weights: keep the adapter "
+                               "(peftlab generate -p, peftlab.load_adapter) instead of merging")
     check_merge_output(out, overwrite, source)
     with output_lock(out, "merge"):
         model = merge_and_unload(run.model) if getattr(run.model, "peftlab_adapters", None) else run.model

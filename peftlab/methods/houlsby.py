@@ -30,6 +30,7 @@ class HoulsbyConfig(MethodConfig):
 
     method: ClassVar[str] = "houlsby"
     mixed_batches: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False  # a nonlinear bottleneck: no weight holds it
     peft_type: ClassVar[str] = "BOTTLENECK"
     # the output projections of attention and feed-forward blocks (cross-attention included)
     targets_kind: ClassVar[str] = "houlsby"

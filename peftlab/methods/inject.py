@@ -51,6 +51,7 @@ class MethodConfig:
     method: ClassVar[str]
     peft_type: ClassVar[str]
     mixed_batches: ClassVar[bool] = False  # its layers can run each example of a batch through its own adapter
+    mergeable: ClassVar[bool] = True  # its update folds into the base weights (peftlab merge)
     # whose default targets it takes from the model's family (peftlab/archs: peft's defaults); None: it has none
     targets_kind: ClassVar[str | None] = None
 

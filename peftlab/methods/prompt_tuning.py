@@ -33,6 +33,7 @@ class PromptTuningConfig(MethodConfig):
     init: str = "sample_vocab"  # embeddings of random vocabulary tokens, or N(0, 1) (peft's RANDOM)
 
     method: ClassVar[str] = "prompt_tuning"
+    mergeable: ClassVar[bool] = False  # a soft prompt is input, not a weight
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
     def __post_init__(self) -> None:

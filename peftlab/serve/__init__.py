@@ -14,7 +14,7 @@ def build_engine(run: str | None = None, model: str | None = None, adapters: dic
     """The engine for a run's adapter on its own base (`run`), or for `model` with `adapters` ({name: path})."""
     from peftlab.eval.runs import load_run
     from peftlab.models import load_model, resolve_task
-    from peftlab.serve.engine import Engine
+    from peftlab.serve.engine import Engine, unbatchable
     from peftlab.train.setup import resolve_device
 
     if run is None and model is None:
@@ -35,8 +35,7 @@ def build_engine(run: str | None = None, model: str | None = None, adapters: dic
     served = list(getattr(base, "peftlab_adapters", {}).values())
     if run is not None and served and not served[0].can_mix():
         engine.close(timeout=0)
-        raise PeftlabError(f"{run}'s adapter cannot share a batch with other adapters: merge it (peftlab merge) and "
-                           "serve the merged model with --model")
+        raise PeftlabError(unbatchable(served[0], f"{run}'s"))
     return engine
 
 

@@ -91,8 +91,7 @@ class Engine:
             raise PeftlabError(f"an adapter named {name!r} is already served: unload it first or choose another name")
         config = read_adapter_config(path)
         if not config.can_mix():
-            raise PeftlabError(f"this {config.method} adapter cannot share a batch with other adapters, so the server "
-                               "cannot serve it beside them: merge it (peftlab merge) and serve the merged model")
+            raise PeftlabError(unbatchable(config, "this"))
         with self.lock:
             load_adapter(self.model, path, name)
             self.model.eval()
@@ -241,6 +240,15 @@ def settled(text: str, stops: list[str]) -> str:
                 text = text[:-k]
                 break
     return text
+
+
+def unbatchable(config, which: str) -> str:
+    """Why an adapter cannot be served beside others, and what to do instead (asking the method, not its name)."""
+    first = f"{which} {config.method} adapter cannot share a batch with other adapters"
+    if config.mergeable:
+        return f"{first}: merge it (peftlab merge) and serve the merged model with --model"
+    return (f"{first} and cannot be merged into the weights: use it with peftlab generate -p RUN, one adapter at a "
+            "time")
 
 
 def check_under_root(path: str, root: str | None) -> Path:
