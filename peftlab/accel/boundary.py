@@ -5,7 +5,7 @@ allows (policy.py) and returns what the loop uses each step: the loss, precision
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,14 @@ class Accelerated:
     device: torch.device
     scaler: torch.amp.GradScaler | None = None  # fp16: scales the loss so small gradients do not underflow
     warnings: list[str] = field(default_factory=list)  # for the run's header
+    _inside: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def __enter__(self) -> Accelerated:
+        self._inside.enter_context(products.linear_backend(self.switches.onednn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._inside.close()
 
     def autocast(self):
         """The forward pass's precision: fp32 as it is, bf16 or fp16 under autocast."""
@@ -56,11 +64,11 @@ class Accelerated:
         return clipped_step(optimizer, parameters, max_norm, norms, self.scaler)
 
 
-@contextlib.contextmanager
 def prepare(model: nn.Module, device: torch.device, run, task: str, distributed: bool = False,
-            fsdp: bool = False) -> Iterator[Accelerated]:
-    """Switch `model` to what this device's policy and `run` (a config's run section) turn on; inside the block
-    the products go through the chosen backend. Weights, names and state dicts are unchanged."""
+            fsdp: bool = False) -> Accelerated:
+    """Check the precision for this device and switch `model` to what the device's policy and `run` (a config's
+    run section) turn on, now; inside `with` the returned object, products go through the chosen backend.
+    Weights, names and state dicts are unchanged."""
     check_precision(run.precision, device)
     on = policy.switches(run, device, distributed, fsdp)
     switched = make_lean(model, linear=run.recompute_linear, onednn=on.onednn) if on.lean_kernels else []
@@ -70,8 +78,7 @@ def prepare(model: nn.Module, device: torch.device, run, task: str, distributed:
     if run.precision == "fp16" and device.type == "cpu":
         warnings.append("fp16 on a CPU runs its products without fp16 hardware on most CPUs, many times slower "
                         "than fp32: use --precision bf16 or fp32 here")
-    with products.linear_backend(on.onednn):
-        yield Accelerated(on, switched, loss, run.precision, device, scaler, warnings)
+    return Accelerated(on, switched, loss, run.precision, device, scaler, warnings)
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device, inputs: Inputs,
     with setup.replacing_output(cfg, world.is_main):  # --overwrite sets the old run aside only now
         if world.is_main:
             write_text(out / "config.yaml", cfg.to_yaml())
-        with fast as fast:
+        with fast:
             _report(cfg, world, model, fast)
             return _fit(cfg, model, tokenizer, data, device, out, task, world, baseline_mb, resumed, events, validate,
                         fast)
