@@ -118,7 +118,7 @@ def test_a_yaml_method_section_sets_every_field_of_that_methods_class(tmp_path, 
     from peftlab.train.config import RECORDED, load_config
 
     cls = METHODS[method]
-    own = {f.name: f for f in dataclasses.fields(cls) if f.name not in RECORDED}
+    own = {f.name: f for f in dataclasses.fields(cls) if f.name in cls.field_names() - RECORDED}
     values = {name: getattr(cls, name) for name, f in own.items()
               if f.default is not dataclasses.MISSING and f.default is not None}
     path = tmp_path / "c.yaml"

@@ -74,3 +74,19 @@ def test_a_family_added_by_one_spec_file_trains_evaluates_and_generates(new_fami
               if "loss" in json.loads(line)]
     assert losses[-1] < losses[0]
     assert len(peftlab.generate(out, ["say yes ->"], max_new_tokens=3)) == 1
+
+
+def test_full_fine_tuning_is_a_method_that_injects_nothing_and_trains_every_weight():
+    import peftlab
+    from peftlab.methods import METHODS, FullConfig, build_config
+    from peftlab.train.config import METHOD_NAMES
+
+    assert METHODS["full"] is FullConfig and "full" in METHOD_NAMES
+    model, _ = peftlab.load_model("random:t5-tiny")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = build_config("full", "t5", targets=["q"])  # shared fields mean nothing to it: left out
+    assert config.targets is None and not config.mergeable
+    assert peftlab.apply(model, config) is model and not getattr(model, "peftlab_adapters", None)
+    assert all(p.requires_grad for p in model.parameters())
+    assert peftlab.count_parameters(model)[0] == peftlab.count_parameters(model)[1]

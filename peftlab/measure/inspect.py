@@ -23,8 +23,8 @@ from peftlab.models import check_lengths, load_model, position_limit, resolve_ta
 def _method_config(model: nn.Module, method: MethodConfig | str | None, fields: dict | None) -> MethodConfig | None:
     """A config as given, or built from a method name and fields with the model's default targets."""
     if isinstance(method, str):
-        return None if method == "full" else build_config(method, model.config.model_type, **(fields or {}))
-    return method
+        method = build_config(method, model.config.model_type, **(fields or {}))
+    return None if method is None or method.trains_base else method
 
 
 def inspect_model(name: str, method: MethodConfig | str | None = None, task: str | None = None,

@@ -5,6 +5,7 @@ import re
 from peftlab.errors import PeftlabError
 from peftlab.methods.bitfit import BitFitConfig
 from peftlab.methods.dora import DoraConfig
+from peftlab.methods.full import FullConfig
 from peftlab.methods.houlsby import HoulsbyConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.inject import MethodConfig
@@ -15,11 +16,11 @@ from peftlab.methods.qlora import QLoraConfig
 from peftlab.methods.subspace import DIDConfig, SubspaceConfig
 
 METHODS = {c.method: c for c in (LoraConfig, DoraConfig, IA3Config, LNTuningConfig, BitFitConfig, HoulsbyConfig,
-                                QLoraConfig, PromptTuningConfig, SubspaceConfig, DIDConfig)}
+                                QLoraConfig, PromptTuningConfig, SubspaceConfig, DIDConfig, FullConfig)}
 
-__all__ = ["METHODS", "BitFitConfig", "DIDConfig", "DoraConfig", "HoulsbyConfig", "IA3Config", "LNTuningConfig",
-           "LoraConfig", "LoraLayer", "PromptTuningConfig", "QLoraConfig", "SubspaceConfig", "build_config",
-           "parse_targets"]
+__all__ = ["METHODS", "BitFitConfig", "DIDConfig", "DoraConfig", "FullConfig", "HoulsbyConfig", "IA3Config",
+           "LNTuningConfig", "LoraConfig", "LoraLayer", "PromptTuningConfig", "QLoraConfig", "SubspaceConfig",
+           "build_config", "parse_targets"]
 
 
 def parse_targets(text: str) -> list[str] | str:

@@ -48,7 +48,8 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
         return METHODS["dora"].from_peft(raw, where)
     by_type: dict[str, type[MethodConfig]] = {}
     for cls in METHODS.values():  # the first method of a peft type (lora, not its variants dora and qlora; said)
-        by_type.setdefault(cls.peft_type, cls)
+        if cls.peft_type:  # full fine-tuning writes no adapter file
+            by_type.setdefault(cls.peft_type, cls)
     if peft_type not in by_type:
         raise PeftlabError(f"{where} holds a {peft_type} adapter; peftlab loads {sorted(by_type)}")
     return by_type[peft_type].from_peft(raw, where)

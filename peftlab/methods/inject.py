@@ -52,6 +52,7 @@ class MethodConfig:
     peft_type: ClassVar[str]
     mixed_batches: ClassVar[bool] = False  # its layers can run each example of a batch through its own adapter
     mergeable: ClassVar[bool] = True  # its update folds into the base weights (peftlab merge)
+    trains_base: ClassVar[bool] = False  # the base's own weights train, nothing is injected (full fine-tuning)
     # whose default targets it takes from the model's family (peftlab/archs: peft's defaults); None: it has none
     targets_kind: ClassVar[str | None] = None
 
@@ -263,6 +264,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply(model: nn.Module, config: Any, adapter: str = "default") -> nn.Module:
     """Inject `config`'s adapter into `model` in place under the name `adapter`, freeze everything else,
     and return the model."""
+    if config.trains_base:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
     adapters: dict = getattr(model, ADAPTERS_ATTR, None) or {}
     if adapter in adapters:
         raise PeftlabError(f"the model already has an adapter named {adapter!r}: pick another name")

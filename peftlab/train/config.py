@@ -48,7 +48,7 @@ RECORDED = {"base_model_name_or_path", "task_type"}  # what a method config reco
 
 
 def _method_section() -> type:
-    """The `method` section: `name` (a method, or "full") and every field of every method's config class, each
+    """The `method` section: `name` (a method, "full" included) and every field of every method's config class, each
     None unless set, which means that method's own default. Built from the classes, so YAML, flags and Python
     (`peftlab.LoraConfig(...)`) share one set of fields and defaults; `TrainConfig.validate` refuses a field the
     named method does not have."""
@@ -228,7 +228,7 @@ class TrainConfig:
         return found
 
 
-METHOD_NAMES = (*METHODS, "full")
+METHOD_NAMES = tuple(METHODS)
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 

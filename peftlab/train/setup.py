@@ -153,13 +153,9 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
 
 
 def apply_method(model: nn.Module, cfg: TrainConfig, task: str) -> nn.Module:
-    """The configured method through the shared injection; `full` trains every weight."""
+    """The configured method through the shared injection (`full`: every weight trains, nothing injected)."""
     m = cfg.method
     if getattr(model, "peftlab_adapters", None):  # the caller applied a method already
-        return model
-    if m.name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
         return model
     modules_to_save = m.modules_to_save
     if modules_to_save is None and task == "classification":
