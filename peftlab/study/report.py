@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from peftlab.errors import PeftlabError  # noqa: E402
 from peftlab.io import atomic_write, output_lock, refuse_run_output, write_text  # noqa: E402
+from peftlab.methods import METHODS  # noqa: E402
 from peftlab.study.sweep import SUMMARY_COLUMNS, markdown_table, pick, read_metrics, summary_row  # noqa: E402
 
 
@@ -90,6 +91,12 @@ def heatmap_figure(run: Path) -> Figure | None:
     return fig
 
 
+def trains_base(row: dict[str, Any]) -> bool:
+    """Whether a run's method trains the base itself (full fine-tuning), asked of the method."""
+    method = METHODS.get(row["method"])
+    return method is not None and method.trains_base
+
+
 def params_figure(rows: list[dict[str, Any]]) -> Figure:
     """Trainable parameters against LoRA rank; full fine-tuning as a horizontal line."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -97,7 +104,7 @@ def params_figure(rows: list[dict[str, Any]]) -> Figure:
     if lora:
         ax.plot([r for r, _ in lora], [n for _, n in lora], marker="o", label="LoRA")
     for r in rows:
-        if r["method"] == "full":
+        if trains_base(r):
             ax.axhline(r["trainable_params"], color="gray", linestyle="--", label="full fine-tuning")
             break
     ax.set_xlabel("rank r")
@@ -113,7 +120,7 @@ def memory_time_figure(rows: list[dict[str, Any]]) -> Figure:
     """Peak memory and median step time per run (full fine-tuning against LoRA), as bars."""
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["point"] for r in rows]
-    colors = ["tab:gray" if r["method"] == "full" else "tab:blue" for r in rows]
+    colors = ["tab:gray" if trains_base(r) else "tab:blue" for r in rows]
     mem_ax.bar(names, [r["peak_memory_mb"] for r in rows], color=colors)
     time_ax.bar(names, [r["step_time_s"] for r in rows], color=colors)
     mem_ax.set_ylabel("peak memory (MB)")
