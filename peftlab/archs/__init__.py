@@ -82,6 +82,18 @@ def presets() -> dict[str, tuple[Callable[[], Any], Arch]]:
     return dict(sorted(found.items()))
 
 
+def task_of_model(model: Any) -> Task | None:
+    """The task a built model is for, from its head class (None: a bare model, no head peftlab knows)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    return None
+
+
 def rms_norm_style(module: Any) -> str | None:
     """How an RMSNorm module computes ("t5": in fp32, back to a half weight's dtype; "llama": back to the input's
     dtype), where some family declares its class; None for other modules."""

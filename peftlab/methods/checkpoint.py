@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftlab.archs import task_of_model
 from peftlab.errors import PeftlabError, first_line
 from peftlab.io import atomic_write, write_text
 from peftlab.methods.inject import (
@@ -29,14 +30,8 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 def task_type_of(model: nn.Module) -> str | None:
     """peft's task_type for a transformers model class, or None."""
-    cls = type(model).__name__
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "SEQ_2_SEQ_LM"
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    if cls.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    return None
+    return {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "classification": "SEQ_CLS"}.get(
+        task_of_model(model) or "")
 
 
 def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:

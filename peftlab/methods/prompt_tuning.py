@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from peftlab.archs import task_of_model
 from peftlab.errors import PeftlabError
 from peftlab.methods.inject import AdapterLayer, MethodConfig
 
@@ -89,9 +90,7 @@ def _forward_signature(cls: type) -> inspect.Signature:
 
 
 def _kind(model: nn.Module) -> str:
-    if model.config.is_encoder_decoder:
-        return "seq2seq"
-    return "classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal"
+    return task_of_model(model) or "causal"
 
 
 class SoftPrompt(AdapterLayer):
