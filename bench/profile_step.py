@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,37 +35,35 @@ GRADIENT_COLUMN = 6  # torch's memory timeline export: [0, parameter, optimizer 
 @dataclass
 class Step:
     """One peftlab training step (forward, backward, clipping to norm 1.0, fused AdamW) on random:flan-t5-small,
-    as `peftlab train` runs it (lean kernels, model dropout, LoRA dropout 0.05, the linear products that
-    run.linear_backend=auto takes here)."""
+    as `peftlab train` runs it: through `accel.prepare` with the default run settings (lean kernels, model
+    dropout, LoRA dropout 0.05, the linear products that run.linear_backend=auto takes here)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batch: dict[str, torch.Tensor]
-    onednn: bool
+    fast: Any  # peftlab.accel.Accelerated
 
     def __call__(self) -> None:
-        from peftlab.accel.lean import clipped_step, sparse_embedding_gradients
-        from peftlab.accel.loss import training_loss
-        from peftlab.accel.products import linear_backend
-
-        with linear_backend(self.onednn), sparse_embedding_gradients(self.model):
-            training_loss(self.model)(self.model, self.batch).backward()
-        clipped_step(self.optimizer, [p for p in self.model.parameters() if p.requires_grad], 1.0)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        with self.fast, self.fast.backward_scope(self.model):
+            with self.fast.autocast():
+                loss = self.fast.loss(self.model, self.batch)
+            self.fast.backward(loss)
+        self.fast.step(self.optimizer, trainable, 1.0, self.fast.gradient_norms(self.optimizer, trainable))
 
 
 def build_step(method: str, batch_size: int) -> Step:
-    from peftlab.accel.lean import make_lean
-    from peftlab.accel.products import wants_onednn
+    from peftlab import accel
     from peftlab.data.batching import collate
     from peftlab.methods import LoraConfig
     from peftlab.methods.inject import apply
     from peftlab.models import load_model
+    from peftlab.train.config import RunSection
 
     model, tokenizer = load_model("random:flan-t5-small")
     if method == "lora":
         apply(model, LoraConfig(r=8, alpha=16, targets=["q", "v"], dropout=0.05))
-    onednn = wants_onednn("auto")
-    make_lean(model, onednn=onednn)
+    fast = accel.prepare(model, torch.device("cpu"), RunSection(), "seq2seq")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +72,7 @@ def build_step(method: str, batch_size: int) -> Step:
         rows = [json.loads(line) for line in data.read_text().splitlines()]
     examples = [{"input_ids": tokenizer(r["source"])["input_ids"], "labels": tokenizer(r["target"])["input_ids"]}
                 for r in rows]
-    return Step(model, optimizer, collate(examples, tokenizer.pad_token_id), onednn)
+    return Step(model, optimizer, collate(examples, tokenizer.pad_token_id), fast)
 
 
 def memory_at_peak(step: Step) -> str:

@@ -187,15 +187,12 @@ def child(args: argparse.Namespace) -> None:
     if args.tool == "floor":  # what no faster kernel or leaner allocator changes: see write_results
         from profile_step import build_step, matmul_seconds_per_step, profiled
 
-        from peftlab.accel.loss import training_loss
         from peftlab.measure.estimate import optimizer_bytes, saved_for_backward, weight_bytes
 
         step = build_step(args.method, args.batch)
         prof = profiled(step, steps=1)  # AdamW's state exists from here on
-        from peftlab.accel.products import linear_backend
-
-        with linear_backend(step.onednn):
-            kept, _ = saved_for_backward(step.model, step.batch, training_loss(step.model))
+        with step.fast:
+            kept, _ = saved_for_backward(step.model, step.batch, step.fast.loss)
         print("RESULT " + json.dumps({"matmul_s": matmul_seconds_per_step(prof, steps=1), "kept_mb": kept / 2**20,
                                       "weights_mb": weight_bytes(step.model) / 2**20,
                                       "optimizer_mb": optimizer_bytes(step.optimizer) / 2**20}))
