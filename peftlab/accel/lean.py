@@ -59,7 +59,7 @@ from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
 from peftlab.accel import products
 from peftlab.accel.recompute import is_recomputable, recomputable, redraws_masks
-from peftlab.archs import arch_of, rms_norm_style
+from peftlab.archs import arch_of, rms_norm_styles
 
 LEAN_ATTENTION = "peftlab_lean"
 NUMPY_MASK_MIN = 2**16  # mask entries; below this, seeding SFC64 costs more than it saves
@@ -476,9 +476,10 @@ def make_lean(model: nn.Module, attention: bool = True, linear: bool = False, on
     linears = ({nn.Linear: (RecomputedLinear, "linear (recomputed in backward)")} if linear
                else {nn.Linear: (LeanLinear, "linear (oneDNN products)")} if onednn else {})
     modules = LEAN_MODULES | {LoraLayer: (LeanLoraLayer, "LoRA")} | linears
+    rms_styles = rms_norm_styles()
     for module in model.modules():
         lean, kind = modules.get(type(module), (None, None))
-        if lean is None and (style := rms_norm_style(module)):
+        if lean is None and (style := rms_styles.get(type(module).__name__)):
             lean, kind = lean_rms_norm(type(module), style), "RMSNorm"
         if lean is LeanT5GatedFF and not isinstance(module.act, NewGELUActivation):
             continue  # the fused function is GELU(tanh)'s: other gated activations keep the stock module

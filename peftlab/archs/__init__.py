@@ -94,11 +94,7 @@ def task_of_model(model: Any) -> Task | None:
     return None
 
 
-def rms_norm_style(module: Any) -> str | None:
-    """How an RMSNorm module computes ("t5": in fp32, back to a half weight's dtype; "llama": back to the input's
-    dtype), where some family declares its class; None for other modules."""
-    name = type(module).__name__
-    for arch in families().values():
-        if name in arch.rms_norms:
-            return arch.rms_norms[name]
-    return None
+def rms_norm_styles() -> dict[str, str]:
+    """Every RMSNorm class a family declares, by class name -> how it computes ("t5": in fp32, back to a half
+    weight's dtype; "llama": back to the input's dtype)."""
+    return {name: style for arch in families().values() for name, style in arch.rms_norms.items()}

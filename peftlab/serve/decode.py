@@ -48,6 +48,7 @@ class Sequence:
     cross_kv: KV | None = None
     tokens: list[int] = field(default_factory=list)
     context: list[int] = field(default_factory=list)  # what generate's processors see before `tokens`
+    decoded: tuple[int, str] = (0, "")  # (token count, their text): `Decoder.text`
 
 
 @dataclass
@@ -193,8 +194,7 @@ class Decoder:
         kept = {id(s) for s in keep}
         for row, sequence in enumerate(batch.members):
             if id(sequence) in kept:
-                pad = longest - sequence.length
-                sequence.self_kv = [(k[row:row + 1, :, pad:], v[row:row + 1, :, pad:]) for k, v in layers]
+                sequence.self_kv = _rows(layers, row, slice(longest - sequence.length, None))
 
     def choose(self, sequence: Sequence, logits: torch.Tensor, best: int | None = None) -> int:
         """The next token: greedy, or sampled with the request's temperature, top_p and seed, after the model's
@@ -229,8 +229,13 @@ class Decoder:
 
     def _stopped(self, sequence: Sequence) -> bool:
         stops = [s for s in sequence.request.stop if s]
-        return bool(stops) and any(s in self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
-                                   for s in stops)
+        return bool(stops) and any(s in self.text(sequence) for s in stops)
+
+    def text(self, sequence: Sequence) -> str:
+        """The sequence's tokens decoded, once per token (the stop check and streaming both read it)."""
+        if sequence.decoded[0] != len(sequence.tokens):
+            sequence.decoded = (len(sequence.tokens), self.tokenizer.decode(sequence.tokens, skip_special_tokens=True))
+        return sequence.decoded[1]
 
 
 def _layers(cache) -> KV:

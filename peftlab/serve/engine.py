@@ -195,8 +195,7 @@ class Engine:
         request = sequence.request
         if request.on_text is None:
             return
-        text = final if final is not None else settled(self.tokenizer.decode(sequence.tokens, skip_special_tokens=True),
-                                                       request.stop)
+        text = final if final is not None else settled(self.decoder.text(sequence), request.stop)
         if len(text) > len(request.sent) and text.startswith(request.sent):
             request.on_text(text[len(request.sent):])
             request.sent = text
